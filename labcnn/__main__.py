@@ -1,0 +1,3 @@
+from labcnn.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,81 @@
+"""The lab's CNN for CIFAR-10, exactly as the lab specifies it.
+
+Three blocks of ``Conv2d(kernel_size=2, stride=1, padding=1)`` + ``BatchNorm2d`` + ``ReLU`` +
+``MaxPool2d(2)`` with 32, 64 and 128 channels, then ``Linear`` 2048 -> 256 -> 128 -> 10 with
+ReLU in between: 600,746 trainable parameters.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+NUM_CLASSES = 10
+INPUT_SIZE = (1, 3, 32, 32)  # one CIFAR-10 image, [N, C, H, W]
+
+
+def conv_block(in_channels: int, out_channels: int) -> nn.Sequential:
+    """One lab block: a 2x2 convolution (stride 1, padding 1), BatchNorm, ReLU, 2x2 max pooling.
+
+    Spatially ``H -> H + 1`` (``floor((H + 2*1 - 2) / 1) + 1``) then ``-> floor((H + 1) / 2)``,
+    so 32 -> 33 -> 16, 16 -> 17 -> 8 and 8 -> 9 -> 4.
+    """
+    return nn.Sequential(
+        nn.Conv2d(in_channels, out_channels, kernel_size=2, stride=1, padding=1),
+        nn.BatchNorm2d(out_channels),
+        nn.ReLU(inplace=True),
+        nn.MaxPool2d(2),
+    )
+
+
+class LabCNN(nn.Module):
+    """The lab's network, with the lab's submodule names.
+
+    Input: float32 ``[N, 3, 32, 32]``, normalized images. Output: float32 logits ``[N, 10]``.
+    Intermediate shapes for ``N = 1``: ``conv1`` -> ``[1, 32, 16, 16]``, ``conv2`` ->
+    ``[1, 64, 8, 8]``, ``conv3`` -> ``[1, 128, 4, 4]``, flattened to 2048 features.
+    """
+
+    def __init__(self, num_classes: int = NUM_CLASSES) -> None:
+        super().__init__()
+        self.conv1 = conv_block(3, 32)
+        self.conv2 = conv_block(32, 64)
+        self.conv3 = conv_block(64, 128)
+        self.fc1 = nn.Linear(128 * 4 * 4, 256)
+        self.fc2 = nn.Linear(256, 128)
+        self.fc3 = nn.Linear(128, num_classes)
+        self.relu = nn.ReLU(inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.conv3(self.conv2(self.conv1(x)))
+        x = torch.flatten(x, 1)
+        x = self.relu(self.fc1(x))
+        x = self.relu(self.fc2(x))
+        return self.fc3(x)
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Number of trainable parameters (600,746 for :class:`LabCNN`)."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def summary(model: nn.Module, depth: int = 2):
+    """The per-layer table of ``model`` for one ``[1, 3, 32, 32]`` input, built on torchinfo.
+
+    Returns torchinfo's ``ModelStatistics`` (its ``str`` is the table). The model stays on its
+    device and in its train/eval mode: torchinfo is run on a CPU copy, since
+    ``torchinfo.summary`` moves the model to CUDA when one is available and switches it to eval.
+    """
+    import copy
+
+    import torchinfo
+
+    copy_on_cpu = copy.deepcopy(model).to("cpu", memory_format=torch.contiguous_format)
+    return torchinfo.summary(
+        copy_on_cpu,
+        input_size=INPUT_SIZE,
+        device="cpu",
+        depth=depth,
+        col_names=("output_size", "num_params"),
+        row_settings=("var_names",),
+        verbose=0,
+    )

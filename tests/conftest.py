@@ -1,0 +1,24 @@
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))  # tests/synthetic.py
+
+from synthetic import make_dataset  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_ARCHIVE = REPO.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
+
+
+@pytest.fixture(params=["batches", "archive", "tree"])
+def layout(request):
+    return request.param
+
+
+@pytest.fixture(scope="session")
+def tree_data(tmp_path_factory):
+    """A synthetic image tree (20 training and 5 test images per class) and its tensors."""
+    root = tmp_path_factory.mktemp("tree")
+    train, test = make_dataset(root, "tree")
+    return root, train, test

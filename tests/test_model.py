@@ -1,0 +1,28 @@
+import torch
+
+from labcnn.model import LabCNN, count_parameters, summary
+
+
+def test_parameter_count_is_the_labs():
+    assert count_parameters(LabCNN()) == 600_746
+
+
+def test_block_and_logit_shapes():
+    model = LabCNN().eval()
+    x = torch.zeros(1, 3, 32, 32)
+    shapes = []
+    for block in (model.conv1, model.conv2, model.conv3):
+        x = block(x)
+        shapes.append(tuple(x.shape))
+    assert shapes == [(1, 32, 16, 16), (1, 64, 8, 8), (1, 128, 4, 4)]
+    assert model(torch.zeros(1, 3, 32, 32)).shape == (1, 10)
+    assert [model.fc1.in_features, model.fc2.in_features, model.fc3.in_features, model.fc3.out_features] == [2048, 256, 128, 10]
+
+
+def test_summary_table_and_model_untouched():
+    model = LabCNN().train()
+    table = str(summary(model))
+    assert "[1, 32, 33, 33]" in table and "416" in table
+    assert "Total params: 600,746" in table
+    assert model.training
+    assert next(model.parameters()).device.type == "cpu"
