@@ -1,4 +1,4 @@
-"""Command line: ``python -m labcnn {train,evaluate,summary,gifs} ...``; ``--help`` on each.
+"""Command line: ``python -m labcnn {train,evaluate,summary,gifs,bench} ...``; ``--help`` on each.
 
 A user error (missing data, a bad value, a damaged checkpoint) ends with one line
 ``error: ...`` on stderr and exit status 2; Ctrl-C during training ends with status 130 and a
@@ -57,6 +57,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     gifs = commands.add_parser("gifs", help="write the convolution and max-pooling GIFs")
     gifs.add_argument("--out", default="Images", type=Path)
+
+    bench = commands.add_parser("bench", help="training images/s: tutorial pipeline vs labcnn's vs the model step alone")
+    bench.add_argument("--data-dir", type=Path, help="time on CIFAR-10's training split from DIR (default: 10,000 random images)")
+    bench.add_argument("--images-per-round", type=positive(int), default=10_000, help="images per contender per round (default: 10000)")
+    bench.add_argument("--rounds", type=positive(int), default=3, help="alternating rounds; the median is reported (default: 3)")
+    bench.add_argument("--device", help="cpu, cuda or mps (default: the best available)")
+    bench.add_argument("--threads", type=positive(int), help="torch CPU threads (default: torch's)")
+    bench.add_argument("--compile", action="store_true", help="add labcnn's path under torch.compile as contender (d)")
     return parser
 
 
@@ -113,7 +121,27 @@ def run_gifs(args) -> None:
         print(f"wrote {path} ({path.stat().st_size / 1024:.0f} KiB)")
 
 
-COMMANDS = {"train": run_train, "evaluate": run_evaluate, "summary": run_summary, "gifs": run_gifs}
+def run_bench(args) -> None:
+    import torch
+
+    from labcnn import bench
+    from labcnn.data import load_cifar10
+    from labcnn.train import select_device
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.data_dir:
+        images, labels = load_cifar10(args.data_dir, train=True)
+        print(f"data: {len(labels)} CIFAR-10 training images from {args.data_dir}")
+    else:
+        images, labels = bench.random_data()
+        print(f"data: {len(labels)} random uint8 images with random labels (no --data-dir; timings do not depend on pixel values)")
+    result = bench.run(images, labels, select_device(args.device), args.images_per_round, args.rounds,
+                       compile=args.compile, log=lambda s: print(s, flush=True))
+    bench.report(result)
+
+
+COMMANDS = {"train": run_train, "evaluate": run_evaluate, "summary": run_summary, "gifs": run_gifs, "bench": run_bench}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -457,3 +457,20 @@ def save_run(run_dir: Path, model, optimizer, scheduler, history, config, mean, 
     }
     save_checkpoint(run_dir / CHECKPOINT, state)
     write_json(run_dir / HISTORY, history)
+
+
+def first_block_maps(model: LabCNN, image: torch.Tensor, mean=LAB_MEAN, std=LAB_STD) -> torch.Tensor:
+    """Feature maps of ``conv1`` after its convolution, BatchNorm and ReLU, before pooling.
+
+    ``image``: uint8 ``[3, 32, 32]``. Returns float32 ``[32, 33, 33]`` on the CPU, computed in
+    eval mode (running BatchNorm statistics); the model's mode is left as it was.
+    """
+    device = next(model.parameters()).device
+    mean_t, std_t = (torch.tensor(v, dtype=torch.float32, device=device) for v in (mean, std))
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            return model.conv1[:3](normalize(image[None].to(device), mean_t, std_t))[0].cpu()
+    finally:
+        model.train(was_training)

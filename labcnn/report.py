@@ -1,0 +1,85 @@
+"""Helpers for the report notebook: its settings from environment variables, and run facts.
+
+The notebook reads its run length and data location from the environment, so CI can execute it
+on a short synthetic run while the committed outputs come from the full lab recipe:
+
+=====================  ============================================  ===================
+variable               meaning                                       default
+=====================  ============================================  ===================
+``LABCNN_EPOCHS``      epochs of the lab recipe                      50
+``LABCNN_SUBSET``      training images used (the test set is whole)  all 50,000
+``LABCNN_DATA_DIR``    folder holding CIFAR-10 (any layout)          ``../data``
+``LABCNN_RUNS_DIR``    where run folders (checkpoints) go            ``../runs``
+``LABCNN_IMAGES_DIR``  where figures are saved                       ``../Images``
+=====================  ============================================  ===================
+"""
+from __future__ import annotations
+
+import os
+import platform
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torchvision
+
+from labcnn.train import TrainConfig, describe_device, make_config, select_device
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The notebook's run: its config, data folder, run folder and figure folder."""
+
+    config: TrainConfig
+    data_dir: Path
+    run_dir: Path
+    images_dir: Path
+
+
+def settings_from_env(env=os.environ) -> Settings:
+    """Read the ``LABCNN_*`` variables (see the module docstring) into :class:`Settings`.
+
+    The full lab recipe runs in ``RUNS_DIR/lab``, the folder ``python -m labcnn train --out
+    runs/lab`` writes, so the notebook resumes or replays that run; shortened runs get their own.
+    """
+    epochs = int(env.get("LABCNN_EPOCHS", 50))
+    subset = int(env["LABCNN_SUBSET"]) if env.get("LABCNN_SUBSET") else None
+    config = make_config(epochs=epochs, subset=subset)
+    name = "lab" if config == make_config() else f"lab-{epochs}ep-{subset or 'all'}img"
+    return Settings(
+        config=config,
+        data_dir=Path(env.get("LABCNN_DATA_DIR", "../data")),
+        run_dir=Path(env.get("LABCNN_RUNS_DIR", "../runs")) / name,
+        images_dir=Path(env.get("LABCNN_IMAGES_DIR", "../Images")),
+    )
+
+
+def cpu_name() -> str:
+    """The processor's model name from ``/proc/cpuinfo`` (Linux), else ``platform.processor()``."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def environment() -> str:
+    """One line on the machine and libraries: device, CPU, threads, torch and torchvision versions."""
+    device = select_device()
+    return (
+        f"device {describe_device(device)}; CPU {cpu_name()} ({os.cpu_count()} logical cores); "
+        f"torch {torch.__version__}, torchvision {torchvision.__version__}, Python {platform.python_version()}"
+    )
+
+
+def training_time(history: list[dict]) -> str:
+    """Total wall time of a run's epochs (training and evaluation), as ``"41 min 12 s"``."""
+    seconds = round(sum(r["seconds"] for r in history))
+    return f"{seconds // 60} min {seconds % 60} s"
+
+
+def best_epoch(history: list[dict], key: str = "test_acc") -> dict:
+    """The epoch record with the highest ``key``."""
+    return max(history, key=lambda r: r[key])
