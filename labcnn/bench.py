@@ -28,7 +28,6 @@ import math
 import statistics
 import time
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
@@ -61,6 +60,11 @@ def fresh_model(config: TrainConfig, device, memory_format, seed: int):
     torch.manual_seed(seed)
     model = LabCNN().to(device, memory_format=memory_format)
     return model, make_optimizer(config, model)
+
+
+def norm_tensors(config: TrainConfig, device):
+    """The recipe's normalization ``(mean, std)`` as float32 ``[3]`` tensors on ``device``."""
+    return tuple(torch.tensor(v, dtype=torch.float32, device=device) for v in (config.mean, config.std))
 
 
 def synchronize(device: torch.device) -> None:
@@ -127,7 +131,7 @@ def labcnn_contender(images, labels, config: TrainConfig, device, seed: int, com
     one pass over its first ``n % len(labels)`` images; returns the number trained on."""
     model, optimizer = fresh_model(config, device, torch.channels_last, seed)
     step_model = torch.compile(model) if compile else model
-    mean, std = (torch.tensor(v, dtype=torch.float32, device=device) for v in (config.mean, config.std))
+    mean, std = norm_tensors(config, device)
     images, labels = images.to(device), labels.to(device)
     epochs = itertools.count(1)
 
@@ -145,7 +149,7 @@ def ceiling_contender(images, labels, config: TrainConfig, device, seed: int, st
     normalized float32 channels_last batches. Returns ``train(n)`` (``n`` rounded up to whole
     batches); returns the number trained on."""
     model, optimizer = fresh_model(config, device, torch.channels_last, seed)
-    mean, std = (torch.tensor(v, dtype=torch.float32, device=device) for v in (config.mean, config.std))
+    mean, std = norm_tensors(config, device)
     order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))[:staged]
     batches = [
         (normalize(images[i].to(device), mean, std).contiguous(memory_format=torch.channels_last), labels[i].to(device))
@@ -178,7 +182,7 @@ def throughput(train, n: int, device) -> float:
 
 
 def make_contenders(images, labels, config, device, seed, staged, compile, log):
-    """``{name: train}`` for the contenders, each warmed up; logs each warm-up time in seconds.
+    """``({name: train}, {name: warm-up seconds})`` for the contenders, each warmed up and logged.
 
     A failing ``torch.compile`` contender is left out, with a log line saying why.
     """
@@ -189,7 +193,7 @@ def make_contenders(images, labels, config, device, seed, staged, compile, log):
     }
     if compile:
         builders["compile"] = lambda: labcnn_contender(images, labels, config, device, seed, compile=True)
-    contenders, warm = {}, []
+    contenders, warm = {}, {}
     for name, build in builders.items():
         start = time.perf_counter()
         try:
@@ -199,12 +203,13 @@ def make_contenders(images, labels, config, device, seed, staged, compile, log):
         except Exception as e:  # torch.compile fails in many ways (no compiler, unsupported op...)
             if name != "compile":
                 raise
-            log(f"{NAMES[name]}: torch.compile failed, left out ({type(e).__name__}: {str(e).splitlines()[0]})")
+            log(f"{NAMES[name]}: torch.compile failed, left out ({type(e).__name__}: {(str(e).splitlines() or [''])[0]})")
             continue
         contenders[name] = train
-        warm.append(f"{name} {time.perf_counter() - start:.1f} s")
-    log(f"warm-up ({WARMUP_STEPS} steps, including set-up{' and compilation' if compile else ''}): {', '.join(warm)}")
-    return contenders
+        warm[name] = time.perf_counter() - start
+    steps = f"warm-up ({WARMUP_STEPS} steps, including set-up{' and compilation' if compile else ''})"
+    log(f"{steps}: " + ", ".join(f"{name} {seconds:.1f} s" for name, seconds in warm.items()))
+    return contenders, warm
 
 
 def run(images, labels, device="cpu", images_per_round: int = 10_000, rounds: int = 3, batch_size: int = 100,
@@ -222,8 +227,8 @@ def run(images, labels, device="cpu", images_per_round: int = 10_000, rounds: in
         dict with ``baseline_img_s``, ``labcnn_img_s``, ``ceiling_img_s`` (median images per
         second over the rounds), ``speedup_vs_baseline`` (labcnn / baseline),
         ``fraction_of_ceiling`` (labcnn / ceiling), ``device``, ``images_per_round``,
-        ``rounds``, and with ``compile`` ``compile_img_s`` and ``compile_vs_labcnn``
-        (``None`` if compilation failed).
+        ``rounds``, ``best_img_s`` and ``warmup_s`` (per contender), and with ``compile``
+        ``compile_img_s`` and ``compile_vs_labcnn`` (``None`` if compilation failed).
     """
     device = torch.device(device)
     config = make_config("lab", batch_size=batch_size, seed=seed)
@@ -235,27 +240,38 @@ def run(images, labels, device="cpu", images_per_round: int = 10_000, rounds: in
     log(f"bench: LabCNN, Adam lr {config.lr} weight decay {config.weight_decay}, batch {batch_size}, "
         f"cross-entropy, {n} images, device {describe_device(device)}")
     log(f"{rounds} round(s) of {per_round} images per contender, contenders alternating; median reported")
-    contenders = make_contenders(images, labels, config, device, seed, min(per_round, n), compile, log)
+    contenders, warm = make_contenders(images, labels, config, device, seed, min(per_round, n), compile, log)
     speeds = {name: [] for name in contenders}
     for r in range(1, rounds + 1):
         for name, train in contenders.items():
             speeds[name].append(throughput(train, per_round, device))
         log(f"round {r}/{rounds}: " + "  ".join(f"{name} {s[-1]:.0f}" for name, s in speeds.items()) + " images/s")
-    return summarize(speeds, describe_device(device), per_round, rounds, compile)
+    result = summarize(speeds, describe_device(device), per_round, rounds, compile)
+    result["warmup_s"] = {name: round(seconds, 2) for name, seconds in warm.items()}
+    return result
 
 
 def summarize(speeds: dict, device: str, per_round: int, rounds: int, compile: bool) -> dict:
     """The result dict of :func:`run` from the per-round images/s of each contender."""
     median = {name: statistics.median(s) for name, s in speeds.items()}
-    result = {f"{name}_img_s": round(median[name], 1) for name in ("baseline", "labcnn", "ceiling")}
+    result = {f"{name}_img_s": median[name] for name in ("baseline", "labcnn", "ceiling")}
     result["speedup_vs_baseline"] = round(median["labcnn"] / median["baseline"], 4)
     result["fraction_of_ceiling"] = round(median["labcnn"] / median["ceiling"], 4)
     if compile:
-        result["compile_img_s"] = round(median["compile"], 1) if "compile" in median else None
+        result["compile_img_s"] = median.get("compile")
         result["compile_vs_labcnn"] = round(median["compile"] / median["labcnn"], 4) if "compile" in median else None
     result.update(device=device, images_per_round=per_round, rounds=rounds)
     result["best_img_s"] = {name: round(max(s), 1) for name, s in speeds.items()}
     return result
+
+
+def compile_break_even(result: dict) -> str:
+    """One line: the compilation time (seconds) against the time it saves per 50,000-image epoch."""
+    extra = result["warmup_s"]["compile"] - result["warmup_s"]["labcnn"]
+    saved = EPOCH_IMAGES / result["labcnn_img_s"] - EPOCH_IMAGES / result["compile_img_s"]
+    if saved <= 0:
+        return f"torch.compile costs {extra:.0f} s to compile and saves nothing per epoch here"
+    return f"torch.compile costs {extra:.0f} s to compile, saves {saved:.1f} s per epoch: pays off after {extra / saved:.1f} epochs"
 
 
 def report(result: dict, log=print) -> None:
@@ -268,4 +284,5 @@ def report(result: dict, log=print) -> None:
     log(f"labcnn / ceiling  = {result['fraction_of_ceiling']:.2f} (fraction of the model-step limit)")
     if result.get("compile_vs_labcnn") is not None:
         log(f"compile / labcnn  = {result['compile_vs_labcnn']:.2f}x (torch.compile's gain on labcnn's path)")
+        log(compile_break_even(result))
     log(json.dumps(result))

@@ -59,17 +59,16 @@ def build_parser() -> argparse.ArgumentParser:
     gifs.add_argument("--out", default="Images", type=Path)
 
     bench = commands.add_parser("bench", help="training images/s: tutorial pipeline vs labcnn's vs the model step alone")
-    bench.add_argument("--data-dir", type=Path, help="time on CIFAR-10's training split from DIR (default: 10,000 random images)")
-    bench.add_argument("--images-per-round", type=positive(int), default=10_000, help="images per contender per round (default: 10000)")
-    bench.add_argument("--rounds", type=positive(int), default=3, help="alternating rounds; the median is reported (default: 3)")
+    bench.add_argument("--data-dir", type=Path, metavar="DIR", help="time on CIFAR-10's training split from DIR (default: 10,000 random images)")
+    bench.add_argument("--images-per-round", type=positive(int), default=10_000, metavar="N", help="images per contender per round (default: 10000)")
+    bench.add_argument("--rounds", type=positive(int), default=3, metavar="N", help="alternating rounds; the median is reported (default: 3)")
     bench.add_argument("--device", help="cpu, cuda or mps (default: the best available)")
-    bench.add_argument("--threads", type=positive(int), help="torch CPU threads (default: torch's)")
+    bench.add_argument("--threads", type=positive(int), metavar="N", help="torch CPU threads (default: torch's)")
     bench.add_argument("--compile", action="store_true", help="add labcnn's path under torch.compile as contender (d)")
     return parser
 
 
 def run_train(args) -> None:
-    from labcnn import plots
     from labcnn.data import load_cifar10
     from labcnn.train import fit, make_config
 
@@ -85,6 +84,8 @@ def run_train(args) -> None:
     except KeyboardInterrupt:
         print(f"\ninterrupted: completed epochs are saved in {args.out}; run the same command to resume", file=sys.stderr)
         raise SystemExit(130) from None
+    from labcnn import plots  # matplotlib: imported only when needed, so starting (and resuming) is quicker
+
     for metric in ("loss", "accuracy"):
         plots.plot_curves(history, metric, path=args.out / f"{metric}.png")
     last = history[-1]
@@ -153,4 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     except LabcnnError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # outside training (run_train reports where to resume)
+        print("\ninterrupted", file=sys.stderr)
+        return 130
     return 0

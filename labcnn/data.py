@@ -19,6 +19,7 @@ import hashlib
 import os
 import pickle
 import shutil
+import tarfile
 import tempfile
 import warnings
 from pathlib import Path
@@ -27,7 +28,7 @@ import numpy as np
 import torch
 from PIL import Image
 from torchvision.datasets import CIFAR10
-from torchvision.datasets.utils import check_integrity, download_url, extract_archive
+from torchvision.datasets.utils import check_integrity, download_url
 
 from labcnn.errors import ConfigError, DataError
 
@@ -67,19 +68,22 @@ def load_cifar10(root, train: bool = True, download: bool = False, verify: bool 
 
     Raises:
         DataError: no data found (the message lists the folders searched), a file is missing,
-            damaged or of the wrong shape, or the download failed.
+            damaged, unreadable or of the wrong shape, or the download failed.
     """
     root = Path(root).expanduser().resolve()
-    kind, path = find_source(root)
-    if kind is None:
-        if not download:
-            raise DataError(not_found_message(root))
-        kind, path = "archive", download_archive(root)
-    if kind == "archive":
-        kind, path = "batches", extract(path, verify)
-    if kind == "batches":
-        return read_batches(path, train, verify)
-    return read_image_tree(path / ("train" if train else "test"))
+    try:
+        kind, path = find_source(root)
+        if kind is None:
+            if not download:
+                raise DataError(not_found_message(root))
+            kind, path = "archive", download_archive(root)
+        if kind == "archive":
+            kind, path = "batches", extract(path, verify)
+        if kind == "batches":
+            return read_batches(path, train, verify)
+        return read_image_tree(path / ("train" if train else "test"))
+    except OSError as e:  # permissions, I/O errors: name the file instead of a traceback
+        raise DataError(f"cannot read {e.filename or root} ({e.strerror or e}): expected a readable file or folder") from None
 
 
 def search_folders(root: Path) -> list[Path]:
@@ -147,17 +151,37 @@ def read_batches(folder: Path, train: bool, verify: bool):
     for name, md5 in [*batch_files(train), [meta_name, meta_md5]]:
         check_file(folder / name, md5, verify)
     names = read_pickle(folder / meta_name).get("label_names")
-    if names is not None and tuple(str(n) for n in names) != CLASSES:
-        raise DataError(f"{folder / meta_name}: label_names {list(names)} are not CIFAR-10's {list(CLASSES)}")
+    if names is not None and text_list(names) != list(CLASSES):
+        raise DataError(f"{folder / meta_name}: label_names {text_list(names)} are not CIFAR-10's {list(CLASSES)}")
     parts = [read_batch(folder / name) for name, _ in batch_files(train)]
     return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
 
+def text_list(values) -> list[str]:
+    """``values`` (bytes or text, e.g. ``label_names``) as a list of text; ``[]`` if not a list."""
+    if not isinstance(values, (list, tuple)):
+        return []
+    return [v.decode("latin1") if isinstance(v, bytes) else str(v) for v in values]
+
+
+# The only globals a CIFAR-10 batch needs: numpy's array rebuilding (numpy 1 and 2 names; pickle
+# protocols 2 to 5, protocol 5 rebuilding arrays with _frombuffer).
+PICKLE_GLOBALS = {
+    ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),
+    ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+    ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
+}
+
+
 class NumpyOnlyUnpickler(pickle.Unpickler):
-    """Unpickles CIFAR-10 batches, refusing any global other than numpy's array machinery."""
+    """Unpickles CIFAR-10 batches, refusing every global outside :data:`PICKLE_GLOBALS`.
+
+    Any other numpy function is refused too: some run code (``numpy.testing``'s ``runstring``).
+    """
 
     def find_class(self, module, name):
-        if module == "numpy" or module.startswith("numpy.") or (module, name) == ("_codecs", "encode"):
+        if (module, name) in PICKLE_GLOBALS:
             return super().find_class(module, name)
         raise pickle.UnpicklingError(f"unexpected global {module}.{name}")
 
@@ -180,13 +204,13 @@ def read_batch(path: Path):
     labels = entry.get("labels", entry.get("fine_labels"))
     data = entry.get("data")
     if not isinstance(data, np.ndarray) or labels is None:
-        raise DataError(f"{path}: expected keys 'data' (numpy array) and 'labels', found {sorted(entry)}")
+        raise DataError(f"{path}: expected keys 'data' (numpy array) and 'labels', found {sorted(map(str, entry))}")
     if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
         raise DataError(f"{path}: 'data' is {data.dtype} {list(data.shape)}, expected uint8 [N, 3072]")
     try:
         labels = torch.as_tensor(np.asarray(labels, dtype=np.int64))
-    except (TypeError, ValueError) as e:
-        raise DataError(f"{path}: 'labels' are not integers ({e})") from None
+    except (TypeError, ValueError, OverflowError) as e:
+        raise DataError(f"{path}: 'labels' are not integers in 0..9 ({e})") from None
     if labels.shape != (len(data),) or (len(labels) and not (0 <= labels.min() and labels.max() < 10)):
         raise DataError(f"{path}: expected {len(data)} labels in 0..9, found shape {list(labels.shape)}")
     return torch.from_numpy(data.reshape(-1, 3, 32, 32).copy()), labels
@@ -195,17 +219,24 @@ def read_batch(path: Path):
 def extract(archive: Path, verify: bool) -> Path:
     """Extract the official archive next to itself and return its ``cifar-10-batches-py``.
 
-    The archive is unpacked into a temporary folder and renamed into place only when complete,
-    so a failed extraction leaves nothing a later run would accept.
+    The archive is unpacked (tarfile's ``"data"`` filter: no paths outside the folder) into a
+    hidden temporary folder, which searches skip, and renamed into place only when every file of
+    the release is there, so a failed or killed extraction leaves nothing a later run would accept.
+
+    Raises:
+        DataError: the archive fails its MD5 (with ``verify``), is truncated or damaged, or lacks
+            a file of the release.
     """
     if verify:
         check_file(archive, CIFAR10.tgz_md5, verify)
     target = archive.parent / BATCHES_DIR
     scratch = Path(tempfile.mkdtemp(prefix=".labcnn-extract-", dir=archive.parent))
     try:
-        extract_archive(str(archive), str(scratch))
-        if not (scratch / BATCHES_DIR).is_dir():
-            raise DataError(f"{archive} holds no {BATCHES_DIR}/ folder: not the CIFAR-10 python archive")
+        with tarfile.open(archive) as tar:
+            tar.extractall(scratch, filter="data")
+        missing = [name for name, _ in batch_files() if not (scratch / BATCHES_DIR / name).is_file()]
+        if missing:
+            raise DataError(f"{archive} lacks {BATCHES_DIR}/{', '.join(missing)}: expected the CIFAR-10 python archive")
         os.replace(scratch / BATCHES_DIR, target)
     except DataError:
         raise
@@ -301,29 +332,34 @@ def read_image_tree(split: Path):
 
 def decode(path: Path) -> torch.Tensor:
     """One image file as uint8 ``[3, 32, 32]`` RGB, decoded with Pillow (as torchvision's
-    ``ImageFolder`` does); raises :class:`DataError` naming the file."""
+    ``ImageFolder`` does); raises :class:`DataError` naming the file if it is not a 32x32 PNG or
+    JPEG. The size is checked before decoding, so a damaged header costs no memory."""
     try:
-        with Image.open(path) as image:
+        with Image.open(path, formats=("PNG", "JPEG")) as image:
+            if image.size != (32, 32):
+                raise DataError(f"{path} is {image.size[0]}x{image.size[1]} pixels; CIFAR-10 images are 32x32")
             pixels = np.array(image.convert("RGB"))
+    except DataError:
+        raise
     except Exception as e:  # Pillow raises several types on damaged files
         raise DataError(f"cannot decode image {path} ({type(e).__name__}: {e})") from None
-    if pixels.shape != (32, 32, 3):
-        raise DataError(f"{path} is {pixels.shape[1]}x{pixels.shape[0]} pixels; CIFAR-10 images are 32x32")
     return torch.from_numpy(pixels).permute(2, 0, 1)
 
 
 def write_cache(cache: Path, tensors: dict) -> None:
     """Write ``tensors`` to ``cache`` atomically, replacing older caches of the same split."""
     prefix = cache.name.rsplit("-", 1)[0] + "-"
+    tmp = cache.with_name(f"{cache.name}.{os.getpid()}.tmp")  # per process: concurrent loads don't mix
     try:
-        tmp = cache.with_name(cache.name + ".tmp")
         torch.save(tensors, tmp)
         os.replace(tmp, cache)
         for old in cache.parent.glob(prefix + "*.pt"):
             if old != cache:
-                old.unlink()
+                old.unlink(missing_ok=True)
     except OSError as e:
         warnings.warn(f"could not write the decode cache {cache} ({e}); the next load decodes again", stacklevel=3)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:

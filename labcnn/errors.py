@@ -10,7 +10,8 @@ class DataError(LabcnnError):
 
 
 class CheckpointError(LabcnnError):
-    """A checkpoint is unreadable, from another model, or from a different configuration."""
+    """A checkpoint is unreadable, from another model or a different configuration, or cannot be
+    written (disk full); the last complete checkpoint stays on disk."""
 
 
 class TrainingDiverged(LabcnnError):

@@ -79,3 +79,16 @@ def summary(model: nn.Module, depth: int = 2):
         row_settings=("var_names",),
         verbose=0,
     )
+
+
+def collapsed_filters(model: LabCNN, tolerance: float = 1e-3) -> dict[str, tuple[int, int]]:
+    """Per convolution, ``(filters whose weights are all below tolerance in magnitude, filters)``.
+
+    Such a filter outputs a constant, so it detects nothing: a sign of "dead" units.
+    """
+    counts = {}
+    for name in ("conv1", "conv2", "conv3"):
+        weight = getattr(model, name)[0].weight.detach()
+        largest = weight.abs().flatten(1).amax(dim=1)
+        counts[name] = (int((largest < tolerance).sum()), weight.shape[0])
+    return counts

@@ -83,3 +83,28 @@ def training_time(history: list[dict]) -> str:
 def best_epoch(history: list[dict], key: str = "test_acc") -> dict:
     """The epoch record with the highest ``key``."""
     return max(history, key=lambda r: r[key])
+
+
+def headline(history: list[dict]) -> dict[str, str]:
+    """A run's figures as the README and the notebook print them (percent with two decimals).
+
+    Keys: ``final_acc``, ``final_loss``, ``best_epoch``, ``best_acc`` (best test accuracy), and
+    with a validation split ``best_val_epoch``, ``best_val_acc``; ``wall_time``.
+    """
+    last, best = history[-1], best_epoch(history)
+    figures = {
+        "final_acc": f"{last['test_acc']:.2%}",
+        "final_loss": f"{last['test_loss']:.4f}",
+        "best_epoch": str(best["epoch"]),
+        "best_acc": f"{best['test_acc']:.2%}",
+        "wall_time": training_time(history),
+    }
+    if "val_acc" in last:
+        best_val = best_epoch(history, "val_acc")
+        figures.update(best_val_epoch=str(best_val["epoch"]), best_val_acc=f"{best_val['val_acc']:.2%}")
+    return figures
+
+
+def first_reaching(history: list[dict], accuracy: float) -> dict | None:
+    """The first epoch record whose test accuracy is at least ``accuracy`` (a fraction), or ``None``."""
+    return next((r for r in history if r["test_acc"] >= accuracy), None)

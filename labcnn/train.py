@@ -28,6 +28,7 @@ CHECKPOINT_FORMAT = "labcnn-checkpoint-1"
 CHECKPOINT = "checkpoint.pt"
 HISTORY = "history.json"
 TIME_FIELDS = ("seconds", "elapsed_train_seconds")  # the only history fields that vary between runs
+CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "epoch", "history", "config", "normalization")
 
 
 @dataclass(frozen=True)
@@ -38,7 +39,8 @@ class TrainConfig:
         recipe: name of the recipe the settings came from (see :data:`RECIPES`).
         epochs: passes over the training set.
         batch_size: training images per step; the last batch of an epoch may be smaller,
-            down to one image, which BatchNorm2d handles since it averages over 33x33 maps too.
+            down to one image. That trains without error: every BatchNorm is a BatchNorm2d,
+            which averages each channel over its 33x33, 17x17 or 9x9 map, never over one value.
         optimizer: ``"adam"`` (torch.optim.Adam, L2 ``weight_decay`` added to the gradient) or
             ``"sgd"`` (torch.optim.SGD with Nesterov momentum).
         lr: learning rate; the peak rate for the ``"onecycle"`` schedule.
@@ -93,9 +95,10 @@ class TrainConfig:
 # Named recipes: overrides of the TrainConfig defaults.
 RECIPES = {
     "lab": {},
+    # Choices made on 5,000 held-out training images (val_size), never on the test set.
     "improved": dict(
-        epochs=30, batch_size=128, optimizer="sgd", lr=0.1, weight_decay=5e-4, momentum=0.9,
-        schedule="onecycle", label_smoothing=0.1, augment=True, mean=None, std=None,
+        epochs=40, batch_size=128, optimizer="sgd", lr=0.1, weight_decay=5e-4, momentum=0.9,
+        schedule="onecycle", label_smoothing=0.1, augment=True, mean=None, std=None, val_size=5000,
     ),
 }
 
@@ -284,38 +287,57 @@ def format_epoch(record: dict, epochs: int) -> str:
     )
 
 
-def save_checkpoint(path: Path, state: dict) -> None:
-    """Write ``state`` to ``path`` through a temporary file and a rename.
+def atomic_write(path: Path, write) -> None:
+    """Create ``path`` by calling ``write(binary file)`` on ``path.tmp``, then fsync and rename.
 
-    A crash, Ctrl-C or full disk during the write leaves the previous checkpoint in place.
+    A crash, kill, Ctrl-C or full disk during the write leaves the previous ``path`` in place.
+    The ``.tmp`` file is removed on any error (a killed process leaves it; the next write
+    replaces it).
+
+    Raises:
+        CheckpointError: the write failed with an OSError (disk full, no permission), naming
+            ``path`` and saying whether its previous version is kept.
     """
     tmp = path.with_name(path.name + ".tmp")
     try:
         with open(tmp, "wb") as f:
-            torch.save(state, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         tmp.unlink(missing_ok=True)
-        raise
+        if not isinstance(e, OSError):
+            raise
+        kept = f"the previous {path.name} is kept" if path.exists() else f"no {path.name} was written"
+        raise CheckpointError(
+            f"could not write {path} ({e.strerror or e}); {kept}. Fix that (e.g. free disk space), "
+            "then run the same command to resume"
+        ) from None
+
+
+def save_checkpoint(path: Path, state: dict) -> None:
+    """Write ``state`` to ``path`` with ``torch.save`` through :func:`atomic_write`."""
+    atomic_write(path, lambda f: torch.save(state, f))
 
 
 def write_json(path: Path, value) -> None:
-    """Write ``value`` as JSON to ``path`` atomically."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(value, indent=1) + "\n")
-    os.replace(tmp, path)
+    """Write ``value`` as JSON to ``path`` through :func:`atomic_write`."""
+    atomic_write(path, lambda f: f.write((json.dumps(value, indent=1) + "\n").encode()))
 
 
 def load_checkpoint(path) -> dict:
     """A checkpoint written by :func:`fit`, loaded on the CPU with ``weights_only=True``.
 
     Returns the dict with ``format``, ``model``, ``optimizer``, ``scheduler`` (state dicts),
-    ``epoch`` (int, last completed), ``history`` (list of dicts) and ``config`` (dict).
+    ``epoch`` (int, last completed), ``history`` (list of dicts), ``config`` (dict) and
+    ``normalization`` (``mean`` and ``std``, three floats each). Tensors saved on a GPU load on
+    the CPU, so a CPU-only machine reads any checkpoint.
 
     Raises:
-        CheckpointError: missing, unreadable, or not a labcnn checkpoint.
+        CheckpointError: missing, truncated or damaged, holding objects other than tensors and
+            plain values (refused by ``weights_only=True``), not a labcnn checkpoint, or lacking
+            one of the keys above.
     """
     path = Path(path).expanduser()
     if not path.is_file():
@@ -323,10 +345,40 @@ def load_checkpoint(path) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise CheckpointError(f"{path} is not a readable checkpoint ({type(e).__name__}: {e})") from None
+        raise load_failure(path, e) from None
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path} is not a labcnn checkpoint (expected format {CHECKPOINT_FORMAT!r})")
+    missing = [k for k in CHECKPOINT_KEYS if k not in state]
+    if missing:
+        raise CheckpointError(f"{path} lacks {missing}: expected a complete {CHECKPOINT_FORMAT} checkpoint")
     return state
+
+
+def load_failure(path, error: Exception) -> CheckpointError:
+    """A one-line :class:`CheckpointError` for ``torch.load``'s ``error`` (whose text spans lines)."""
+    text = str(error).strip()
+    if "GLOBAL" in text:  # weights_only=True met a pickled Python object
+        return CheckpointError(
+            f"{path} holds Python objects besides tensors (refused by torch.load(weights_only=True)): "
+            "expected a checkpoint written by labcnn"
+        )
+    detail = text.splitlines()[0].split(". ")[0] if text else ""
+    if detail.startswith("Weights only load failed"):  # an unreadable pickle
+        detail = "not a torch checkpoint"
+    return CheckpointError(f"{path} is not a readable checkpoint ({type(error).__name__}: {detail}): it is truncated or damaged")
+
+
+def load_weights(path, model: nn.Module, weights) -> None:
+    """Load ``weights`` (a state dict) into ``model``.
+
+    Raises:
+        CheckpointError: the weights are another model's; names ``path`` and the mismatch.
+    """
+    try:
+        model.load_state_dict(weights)
+    except Exception as e:  # RuntimeError for other keys or shapes, TypeError for a non-dict
+        detail = " ".join(str(e).split())
+        raise CheckpointError(f"{path} holds weights of another model, not LabCNN's ({detail[:200]})") from None
 
 
 def load_model(path, device="cpu") -> tuple[LabCNN, dict]:
@@ -337,10 +389,7 @@ def load_model(path, device="cpu") -> tuple[LabCNN, dict]:
     """
     state = load_checkpoint(path)
     model = LabCNN()
-    try:
-        model.load_state_dict(state["model"])
-    except RuntimeError as e:
-        raise CheckpointError(f"{path} holds weights of another model: {str(e).splitlines()[0]}") from None
+    load_weights(path, model, state["model"])
     return model.to(device, memory_format=torch.channels_last), state["config"]
 
 
@@ -388,9 +437,14 @@ def fit(config: TrainConfig, train_data, test_data, run_dir=None, device=None, l
         ``val_acc`` when ``config.val_size`` > 0.
 
     Raises:
-        CheckpointError: ``run_dir`` holds a checkpoint of other settings, or a damaged one.
-        TrainingDiverged: the loss became non-finite; the last good checkpoint is kept.
+        CheckpointError: ``run_dir`` cannot be created, holds a checkpoint of other settings or
+            a damaged one, or a checkpoint cannot be written (disk full); the last complete
+            epoch's checkpoint stays on disk.
+        TrainingDiverged: the loss became non-finite; the message names the epoch, the step and
+            the checkpoint kept (the last good epoch's).
     """
+    if run_dir is not None:
+        make_run_dir(Path(run_dir))
     device = select_device(device)
     log(f"device: {describe_device(device)}")
     torch.manual_seed(config.seed)
@@ -407,7 +461,10 @@ def fit(config: TrainConfig, train_data, test_data, run_dir=None, device=None, l
     for epoch in range(len(history) + 1, config.epochs + 1):
         start = time.perf_counter()
         lr = optimizer.param_groups[0]["lr"]
-        train_loss, train_acc = train_one_epoch(step_model, optimizer, scheduler, images, labels, config, epoch, mean, std)
+        try:
+            train_loss, train_acc = train_one_epoch(step_model, optimizer, scheduler, images, labels, config, epoch, mean, std)
+        except TrainingDiverged as e:
+            raise TrainingDiverged(f"{e}; {kept_checkpoint(run_dir, len(history))}") from None
         train_seconds = time.perf_counter() - start
         record = {"epoch": epoch, "train_loss": train_loss, "train_acc": train_acc}
         for name, split in (("val", val), ("test", test_data)):
@@ -423,18 +480,43 @@ def fit(config: TrainConfig, train_data, test_data, run_dir=None, device=None, l
     return model, history
 
 
+def make_run_dir(run_dir: Path) -> None:
+    """Create ``run_dir`` before training, so an unusable ``--out`` fails at once, not after an epoch."""
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise CheckpointError(f"cannot create the run folder {run_dir} ({e.strerror or e}): expected a writable folder") from None
+
+
+def kept_checkpoint(run_dir, epochs_done: int) -> str:
+    """What a diverged run leaves, for its message: ``"runs/x/checkpoint.pt (epoch 3) is kept. ..."``."""
+    if run_dir is None or epochs_done == 0:
+        kept = "no checkpoint was written"
+    else:
+        kept = f"{Path(run_dir) / CHECKPOINT} (epoch {epochs_done}) is kept"
+    return f"{kept}. Lower the learning rate and train into a new run folder"
+
+
 def resume(run_dir, config, model, optimizer, scheduler, log) -> list[dict]:
-    """Restore the run in ``run_dir`` into the given objects and return its history (or ``[]``)."""
+    """Restore the run in ``run_dir`` into the given objects and return its history (or ``[]``).
+
+    Also rewrites ``history.json`` from the checkpoint, which a kill between the two writes of
+    :func:`save_run` may have left one epoch behind.
+
+    Raises:
+        CheckpointError: the checkpoint is damaged, of another model, or of other settings.
+    """
     if run_dir is None or not (Path(run_dir) / CHECKPOINT).exists():
         return []
     path = Path(run_dir) / CHECKPOINT
     state = load_checkpoint(path)
     check_resumable(path, state, config)
-    model.load_state_dict(state["model"])
+    load_weights(path, model, state["model"])
     optimizer.load_state_dict(state["optimizer"])
     if scheduler is not None:
         scheduler.load_state_dict(state["scheduler"])
     history = state["history"]
+    write_json(Path(run_dir) / HISTORY, history)
     for record in history:
         log(format_epoch(record, config.epochs))
     done = "run complete" if len(history) >= config.epochs else "resuming"

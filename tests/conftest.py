@@ -7,9 +7,6 @@ sys.path.insert(0, str(Path(__file__).parent))  # tests/synthetic.py
 
 from synthetic import make_dataset  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED_ARCHIVE = REPO.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
-
 
 @pytest.fixture(params=["batches", "archive", "tree"])
 def layout(request):

@@ -49,6 +49,6 @@ def test_user_errors_are_one_line_not_a_traceback(tmp_path, args, message):
 
 
 def test_help_works_for_each_command():
-    for command in ([], ["train"], ["evaluate"], ["summary"], ["gifs"]):
+    for command in ([], ["train"], ["evaluate"], ["summary"], ["gifs"], ["bench"]):
         result = subprocess.run([sys.executable, "-m", "labcnn", *command, "--help"], capture_output=True, text=True, env=REPO_ENV)
         assert result.returncode == 0 and "usage: python -m labcnn" in result.stdout

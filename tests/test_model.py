@@ -1,6 +1,6 @@
 import torch
 
-from labcnn.model import LabCNN, count_parameters, summary
+from labcnn.model import LabCNN, collapsed_filters, count_parameters, summary
 
 
 def test_parameter_count_is_the_labs():
@@ -26,3 +26,11 @@ def test_summary_table_and_model_untouched():
     assert "Total params: 600,746" in table
     assert model.training
     assert next(model.parameters()).device.type == "cpu"
+
+
+def test_collapsed_filters_counts_zeroed_kernels():
+    model = LabCNN()
+    assert collapsed_filters(model) == {"conv1": (0, 32), "conv2": (0, 64), "conv3": (0, 128)}
+    with torch.no_grad():
+        model.conv2[0].weight[:5] = 1e-5
+    assert collapsed_filters(model)["conv2"] == (5, 64)

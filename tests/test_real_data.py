@@ -1,12 +1,13 @@
 """One short epoch on the real copy of CIFAR-10, when ../shared/data holds it; skipped otherwise."""
 import tarfile
+from pathlib import Path
 
 import pytest
-from conftest import SHARED_ARCHIVE
 
 from labcnn.data import load_cifar10
 from labcnn.train import fit, make_config
 
+SHARED_ARCHIVE = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-jpeg.tar.gz"
 pytestmark = pytest.mark.skipif(not SHARED_ARCHIVE.is_file(), reason=f"no real CIFAR-10 copy at {SHARED_ARCHIVE}")
 
 

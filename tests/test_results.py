@@ -1,0 +1,65 @@
+"""Every figure in the README's results and in the notebook's text matches the committed runs.
+
+``results/<run>.json`` holds each reported run's per-epoch history (copied from its run folder);
+the figures are re-derived from it with :func:`labcnn.report.headline`, so a stale number fails.
+"""
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from labcnn import report
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = sorted((REPO / "results").glob("*.json"))
+ORIGINAL_REPORT = "69.26%"  # the original lab report's claim, quoted for comparison
+PERCENT = re.compile(r"\b\d{1,3}\.\d\d%")
+
+
+def figures(path) -> dict:
+    return report.headline(json.loads(path.read_text()))
+
+
+def allowed() -> set:
+    values = {ORIGINAL_REPORT}
+    for path in RESULTS:
+        values |= set(figures(path).values())
+    return values
+
+
+def results_section() -> str:
+    text = (REPO / "README.md").read_text()
+    return text.split("## Results", 1)[1].split("\n## ", 1)[0]
+
+
+def notebook_markdown() -> str:
+    cells = json.loads((REPO / "notebooks" / "lab1_cnn_cifar10.ipynb").read_text())["cells"]
+    return "\n".join("".join(c["source"]) for c in cells if c["cell_type"] == "markdown")
+
+
+@pytest.mark.skipif(not RESULTS, reason="no committed results yet")
+@pytest.mark.parametrize("path", RESULTS, ids=lambda p: p.stem)
+def test_readme_row_matches_history(path):
+    rows = [line for line in results_section().splitlines() if f"results/{path.name}" in line]
+    assert len(rows) == 1, f"README's results table needs one row naming results/{path.name}"
+    f = figures(path)
+    for key in ("final_acc", "final_loss"):
+        assert f[key] in rows[0], f"{key} {f[key]} missing from the README row for {path.name}"
+
+
+@pytest.mark.parametrize("text", [results_section, notebook_markdown], ids=["README", "notebook"])
+def test_every_percentage_comes_from_a_committed_run(text):
+    stale = set(PERCENT.findall(text())) - allowed()
+    assert not stale, f"figures not found in results/: {sorted(stale)}"
+
+
+@pytest.mark.skipif(not (REPO / "results" / "lab.json").exists(), reason="no committed lab run yet")
+def test_notebook_outputs_come_from_the_committed_lab_run():
+    cells = json.loads((REPO / "notebooks" / "lab1_cnn_cifar10.ipynb").read_text())["cells"]
+    outputs = "".join(o.get("text", "") if isinstance(o.get("text", ""), str) else "".join(o["text"])
+                      for c in cells if c["cell_type"] == "code" for o in c.get("outputs", []))
+    f = figures(REPO / "results" / "lab.json")
+    assert f"final test accuracy {f['final_acc']}, test loss {f['final_loss']}" in outputs
+    assert f"training wall time  {f['wall_time']}" in outputs
+    assert f"run complete: 50 of 50 epochs restored" in outputs
