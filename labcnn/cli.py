@@ -46,6 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--subset", type=positive(int), help="train on N training images (the test set stays whole)")
     train.add_argument("--val-size", type=int, help="hold N training images out for validation")
     train.add_argument("--device", help="cpu, cuda or mps (default: the best available)")
+    train.add_argument("--amp", action="store_true", help="bfloat16 autocast on CUDA")
+    train.add_argument("--compile", action="store_true", help="train through torch.compile (measure with bench first)")
 
     evaluate = commands.add_parser("evaluate", help="test loss, accuracy, per-class accuracy and confusion matrix")
     add_data_args(evaluate)
@@ -63,18 +65,20 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--images-per-round", type=positive(int), default=10_000, metavar="N", help="images per contender per round (default: 10000)")
     bench.add_argument("--rounds", type=positive(int), default=3, metavar="N", help="alternating rounds; the median is reported (default: 3)")
     bench.add_argument("--device", help="cpu, cuda or mps (default: the best available)")
-    bench.add_argument("--threads", type=positive(int), metavar="N", help="torch CPU threads (default: torch's)")
+    bench.add_argument("--threads", type=positive(int), metavar="N", help="torch CPU threads (default: one per physical core)")
     bench.add_argument("--compile", action="store_true", help="add labcnn's path under torch.compile as contender (d)")
     return parser
 
 
 def run_train(args) -> None:
     from labcnn.data import load_cifar10
-    from labcnn.train import fit, make_config
+    from labcnn.train import fit, make_config, use_physical_cores
 
+    use_physical_cores()
     config = make_config(
         args.recipe, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
-        seed=args.seed, subset=args.subset, val_size=args.val_size,
+        seed=args.seed, subset=args.subset, val_size=args.val_size, amp=args.amp or None,
+        compile=args.compile or None,
     )
     train_data = load_cifar10(args.data_dir, train=True, download=args.download, verify=args.verify)
     test_data = load_cifar10(args.data_dir, train=False, download=args.download, verify=args.verify)
@@ -123,14 +127,11 @@ def run_gifs(args) -> None:
 
 
 def run_bench(args) -> None:
-    import torch
-
     from labcnn import bench
     from labcnn.data import load_cifar10
-    from labcnn.train import select_device
+    from labcnn.train import select_device, use_physical_cores
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    use_physical_cores(args.threads)
     if args.data_dir:
         images, labels = load_cifar10(args.data_dir, train=True)
         print(f"data: {len(labels)} CIFAR-10 training images from {args.data_dir}")

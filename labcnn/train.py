@@ -139,6 +139,21 @@ def describe_device(device: torch.device) -> str:
     return device.type
 
 
+def use_physical_cores(threads: int | None = None) -> int:
+    """Set torch's CPU threads to ``threads``, or else to the physical core count, and return it.
+
+    Hyper-threads share a core's arithmetic units, so one thread per physical core is the usual
+    optimum for dense CPU kernels. ``OMP_NUM_THREADS``, when set, wins over the core count.
+    """
+    import psutil
+
+    if threads is None and not os.environ.get("OMP_NUM_THREADS"):
+        threads = psutil.cpu_count(logical=False)
+    if threads:
+        torch.set_num_threads(threads)
+    return torch.get_num_threads()
+
+
 def show_progress() -> bool:
     """Progress bars in a terminal or notebook; never when ``CI`` is set or output is piped."""
     if os.environ.get("CI"):

@@ -44,7 +44,8 @@ def test_readme_row_matches_history(path):
     rows = [line for line in results_section().splitlines() if f"results/{path.name}" in line]
     assert len(rows) == 1, f"README's results table needs one row naming results/{path.name}"
     f = figures(path)
-    for key in ("final_acc", "final_loss"):
+    keys = ["final_acc", "final_loss", "best_epoch", "best_val_epoch", "original_epoch", "original_seconds"]
+    for key in (k for k in keys if k in f):
         assert f[key] in rows[0], f"{key} {f[key]} missing from the README row for {path.name}"
 
 
@@ -62,4 +63,5 @@ def test_notebook_outputs_come_from_the_committed_lab_run():
     f = figures(REPO / "results" / "lab.json")
     assert f"final test accuracy {f['final_acc']}, test loss {f['final_loss']}" in outputs
     assert f"training wall time  {f['wall_time']}" in outputs
-    assert f"run complete: 50 of 50 epochs restored" in outputs
+    assert "run complete: 50 of 50 epochs restored" in outputs
+    assert f"Total training wall time: {f['wall_time']}" in " ".join(notebook_markdown().split())
