@@ -63,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench = commands.add_parser("bench", help="training images/s: tutorial pipeline vs labcnn's vs the model step alone")
     bench.add_argument("--data-dir", type=Path, metavar="DIR", help="time on CIFAR-10's training split from DIR (default: 10,000 random images)")
     bench.add_argument("--images-per-round", type=positive(int), default=10_000, metavar="N", help="images per contender per round (default: 10000)")
-    bench.add_argument("--rounds", type=positive(int), default=3, metavar="N", help="alternating rounds; the median is reported (default: 3)")
+    bench.add_argument("--rounds", type=positive(int), default=5, metavar="N", help="alternating rounds; each contender's fastest is reported (default: 5)")
     bench.add_argument("--device", help="cpu, cuda or mps (default: the best available)")
     bench.add_argument("--threads", type=positive(int), metavar="N", help="torch CPU threads (default: one per physical core)")
     bench.add_argument("--compile", action="store_true", help="add labcnn's path under torch.compile as contender (d)")
@@ -82,7 +82,8 @@ def run_train(args) -> None:
     )
     train_data = load_cifar10(args.data_dir, train=True, download=args.download, verify=args.verify)
     test_data = load_cifar10(args.data_dir, train=False, download=args.download, verify=args.verify)
-    print(f"data: {len(train_data[1])} training and {len(test_data[1])} test images from {args.data_dir}")
+    used = f"; training on a seeded subset of {config.subset}" if config.subset else ""
+    print(f"data: {len(train_data[1])} training and {len(test_data[1])} test images from {args.data_dir}{used}")
     try:
         _, history = fit(config, train_data, test_data, run_dir=args.out, device=args.device, log=lambda s: print(s, flush=True))
     except KeyboardInterrupt:

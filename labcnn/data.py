@@ -232,8 +232,7 @@ def extract(archive: Path, verify: bool) -> Path:
     target = archive.parent / BATCHES_DIR
     scratch = Path(tempfile.mkdtemp(prefix=".labcnn-extract-", dir=archive.parent))
     try:
-        with tarfile.open(archive) as tar:
-            tar.extractall(scratch, filter="data")
+        extract_tar(archive, scratch)
         missing = [name for name, _ in batch_files() if not (scratch / BATCHES_DIR / name).is_file()]
         if missing:
             raise DataError(f"{archive} lacks {BATCHES_DIR}/{', '.join(missing)}: expected the CIFAR-10 python archive")
@@ -245,6 +244,30 @@ def extract(archive: Path, verify: bool) -> Path:
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return target
+
+
+def extract_tar(archive: Path, folder: Path) -> None:
+    """Unpack ``archive`` into ``folder``, refusing members that would land outside it.
+
+    Uses tarfile's ``"data"`` filter (Python 3.12, 3.11.4, 3.10.12 and later); older Pythons
+    lack it, so there only plain files and folders with relative, ``..``-free names are accepted.
+
+    Raises:
+        DataError: a member is a link, device or absolute/escaping path (older Pythons); other
+            tarfile errors propagate.
+    """
+    with tarfile.open(archive) as tar:
+        if hasattr(tarfile, "data_filter"):
+            try:
+                tar.extractall(folder, filter="data")
+            except tarfile.FilterError as e:
+                raise DataError(f"{archive}: refusing a member ({e}); expected plain files inside the archive's folder") from None
+            return
+        for member in tar.getmembers():
+            name = Path(member.name)
+            if not (member.isfile() or member.isdir()) or name.is_absolute() or ".." in name.parts:
+                raise DataError(f"{archive}: refusing member {member.name!r}; expected plain files inside the archive's folder")
+        tar.extractall(folder)
 
 
 def download_archive(root: Path) -> Path:

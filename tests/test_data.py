@@ -143,3 +143,20 @@ def test_subset_is_seeded_and_checked():
     assert torch.equal(a[1], b[1]) and len(a[1]) == 10
     with pytest.raises(ValueError, match="between 1 and 30"):
         data.subset(images, labels, 31)
+
+
+@pytest.mark.parametrize("with_filter", [True, False], ids=["data-filter", "older-python"])
+def test_archive_members_escaping_the_folder_are_refused(tmp_path, monkeypatch, with_filter):
+    import io
+    import tarfile
+
+    if not with_filter:  # Pythons before 3.10.12 / 3.11.4 have no extraction filters
+        monkeypatch.delattr(tarfile, "data_filter", raising=False)
+    archive = tmp_path / "cifar-10-python.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        member = tarfile.TarInfo("../escaped.txt")
+        member.size = 2
+        tar.addfile(member, io.BytesIO(b"hi"))
+    with pytest.raises(DataError, match="cifar-10-python.tar.gz: refusing"):
+        load(tmp_path)
+    assert not (tmp_path.parent / "escaped.txt").exists()

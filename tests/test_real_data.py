@@ -1,10 +1,9 @@
 """One short epoch on the real copy of CIFAR-10, when ../shared/data holds it; skipped otherwise."""
-import tarfile
 from pathlib import Path
 
 import pytest
 
-from labcnn.data import load_cifar10
+from labcnn.data import extract_tar, load_cifar10
 from labcnn.train import fit, make_config
 
 SHARED_ARCHIVE = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-jpeg.tar.gz"
@@ -14,8 +13,7 @@ pytestmark = pytest.mark.skipif(not SHARED_ARCHIVE.is_file(), reason=f"no real C
 @pytest.fixture(scope="module")
 def real_root(tmp_path_factory):
     root = tmp_path_factory.mktemp("real")
-    with tarfile.open(SHARED_ARCHIVE) as tar:
-        tar.extractall(root, filter="data")
+    extract_tar(SHARED_ARCHIVE, root)
     return root
 
 
