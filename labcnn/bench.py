@@ -37,7 +37,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
-from labcnn.data import LAB_MEAN, LAB_STD, normalize
+from labcnn.data import LAB_MEAN, LAB_STD, normalization_tensors, normalize
 from labcnn.errors import ConfigError
 from labcnn.model import LabCNN
 from labcnn.train import TrainConfig, describe_device, make_config, make_optimizer, train_one_epoch
@@ -62,11 +62,6 @@ def fresh_model(config: TrainConfig, device, memory_format, seed: int):
     torch.manual_seed(seed)
     model = LabCNN().to(device, memory_format=memory_format)
     return model, make_optimizer(config, model)
-
-
-def norm_tensors(config: TrainConfig, device):
-    """The recipe's normalization ``(mean, std)`` as float32 ``[3]`` tensors on ``device``."""
-    return tuple(torch.tensor(v, dtype=torch.float32, device=device) for v in (config.mean, config.std))
 
 
 def synchronize(device: torch.device) -> None:
@@ -133,7 +128,7 @@ def labcnn_contender(images, labels, config: TrainConfig, device, seed: int, com
     one pass over its first ``n % len(labels)`` images; returns the number trained on."""
     model, optimizer = fresh_model(config, device, torch.channels_last, seed)
     step_model = torch.compile(model) if compile else model
-    mean, std = norm_tensors(config, device)
+    mean, std = normalization_tensors(config.mean, config.std, device)
     images, labels = images.to(device), labels.to(device)
     epochs = itertools.count(1)
 
@@ -151,7 +146,7 @@ def ceiling_contender(images, labels, config: TrainConfig, device, seed: int, st
     normalized float32 channels_last batches. Returns ``train(n)`` (``n`` rounded up to whole
     batches); returns the number trained on."""
     model, optimizer = fresh_model(config, device, torch.channels_last, seed)
-    mean, std = norm_tensors(config, device)
+    mean, std = normalization_tensors(config.mean, config.std, device)
     order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))[:staged]
     batches = [
         (normalize(images[i].to(device), mean, std).contiguous(memory_format=torch.channels_last), labels[i].to(device))

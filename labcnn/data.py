@@ -403,8 +403,18 @@ def channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float,
     return tuple(mean), tuple(std)
 
 
-def normalize(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    """uint8 ``[N, 3, H, W]`` -> float32 ``(x / 255 - mean) / std``; ``mean``, ``std`` float32 ``[3]``."""
+def normalization_tensors(mean, std, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``mean`` and ``std`` (three fractions each) as float32 ``[3]`` tensors on ``device``."""
+    return tuple(torch.as_tensor(v, dtype=torch.float32, device=device) for v in (mean, std))
+
+
+def normalize(images: torch.Tensor, mean, std) -> torch.Tensor:
+    """uint8 ``[N, 3, H, W]`` -> float32 ``(x / 255 - mean) / std``.
+
+    ``mean`` and ``std``: three fractions each, as sequences or float32 ``[3]`` tensors (pass
+    tensors already on ``images``' device in hot loops, to avoid a copy per call).
+    """
+    mean, std = normalization_tensors(mean, std, images.device)
     x = images.to(torch.float32).div_(255)
     return x.sub_(mean.view(1, -1, 1, 1)).div_(std.view(1, -1, 1, 1))
 

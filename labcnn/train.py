@@ -12,6 +12,7 @@ import math
 import os
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -20,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from labcnn.data import LAB_MEAN, LAB_STD, channel_stats, normalize, subset
+from labcnn.data import LAB_MEAN, LAB_STD, channel_stats, normalization_tensors, normalize, subset
 from labcnn.errors import CheckpointError, ConfigError, TrainingDiverged
 from labcnn.model import LabCNN
 
@@ -243,6 +244,19 @@ def train_one_epoch(model, optimizer, scheduler, images, labels, config: TrainCo
     return losses.double().sum().item() / len(labels), correct.item() / len(labels)
 
 
+@contextmanager
+def eval_mode(model: nn.Module):
+    """Run the block with ``model`` in eval mode under ``torch.inference_mode()``, then restore
+    the mode it was in (train or eval), even on error."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            yield model
+    finally:
+        model.train(was_training)
+
+
 def evaluate(model, images, labels, mean=LAB_MEAN, std=LAB_STD, batch_size: int = 1000, flip_tta: bool = False):
     """Cross-entropy, top-1 accuracy, per-class accuracy and confusion matrix of ``model``.
 
@@ -262,24 +276,19 @@ def evaluate(model, images, labels, mean=LAB_MEAN, std=LAB_STD, batch_size: int 
         rows true class, columns predicted) and ``predictions`` (int64 ``[N]``), on the CPU.
     """
     device = next(model.parameters()).device
-    mean_t, std_t = (torch.tensor(v, dtype=torch.float32, device=device) for v in (mean, std))
-    was_training = model.training
-    model.eval()
+    mean, std = normalization_tensors(mean, std, device)
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     predictions = []
-    try:
-        with torch.inference_mode():
-            for start in range(0, len(labels), batch_size):
-                x = normalize(images[start : start + batch_size].to(device), mean_t, std_t)
-                x = x.contiguous(memory_format=torch.channels_last)
-                y = labels[start : start + batch_size].to(device)
-                logits = model(x).float()
-                if flip_tta:
-                    logits = (logits + model(x.flip(3)).float()) / 2
-                loss_sum += F.cross_entropy(logits, y, reduction="sum").double()
-                predictions.append(logits.argmax(1))
-    finally:
-        model.train(was_training)
+    with eval_mode(model):
+        for start in range(0, len(labels), batch_size):
+            x = normalize(images[start : start + batch_size].to(device), mean, std)
+            x = x.contiguous(memory_format=torch.channels_last)
+            y = labels[start : start + batch_size].to(device)
+            logits = model(x).float()
+            if flip_tta:
+                logits = (logits + model(x.flip(3)).float()) / 2
+            loss_sum += F.cross_entropy(logits, y, reduction="sum").double()
+            predictions.append(logits.argmax(1))
     predictions = torch.cat(predictions).cpu()
     labels = labels.cpu()
     confusion = torch.bincount(labels * 10 + predictions, minlength=100).reshape(10, 10)
@@ -466,7 +475,7 @@ def fit(config: TrainConfig, train_data, test_data, run_dir=None, device=None, l
     images, labels = subset(*train_data, config.subset, config.seed)
     (images, labels), val = split_validation(images, labels, config.val_size, config.seed)
     mean, std = (config.mean, config.std) if config.mean is not None else channel_stats(images)
-    mean, std = (torch.tensor(v, dtype=torch.float32, device=device) for v in (mean, std))
+    mean, std = normalization_tensors(mean, std, device)
     model = LabCNN().to(device, memory_format=torch.channels_last)
     optimizer = make_optimizer(config, model)
     scheduler = make_scheduler(config, optimizer, math.ceil(len(labels) / config.batch_size))
@@ -562,12 +571,6 @@ def first_block_maps(model: LabCNN, image: torch.Tensor, mean=LAB_MEAN, std=LAB_
     ``image``: uint8 ``[3, 32, 32]``. Returns float32 ``[32, 33, 33]`` on the CPU, computed in
     eval mode (running BatchNorm statistics); the model's mode is left as it was.
     """
-    device = next(model.parameters()).device
-    mean_t, std_t = (torch.tensor(v, dtype=torch.float32, device=device) for v in (mean, std))
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.inference_mode():
-            return model.conv1[:3](normalize(image[None].to(device), mean_t, std_t))[0].cpu()
-    finally:
-        model.train(was_training)
+    with eval_mode(model):
+        image = image[None].to(next(model.parameters()).device)
+        return model.conv1[:3](normalize(image, mean, std))[0].cpu()
