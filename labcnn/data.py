@@ -266,7 +266,7 @@ def extract_tar(archive: Path, folder: Path) -> None:
         for member in tar.getmembers():
             name = Path(member.name)
             if not (member.isfile() or member.isdir()) or name.is_absolute() or ".." in name.parts:
-                raise DataError(f"{archive}: refusing member {member.name!r}; expected plain files inside the archive's folder")
+                raise DataError(f"{archive}: refusing a member ({member.name!r}); expected plain files inside the archive's folder")
         tar.extractall(folder)
 
 
