@@ -99,10 +99,11 @@ def run_train(args) -> None:
 
 def run_evaluate(args) -> None:
     from labcnn.data import CLASSES, load_cifar10
-    from labcnn.train import evaluate, load_checkpoint, load_model, select_device
+    from labcnn.train import evaluate, load_checkpoint, model_from_state, select_device
 
-    model, _ = load_model(args.checkpoint, select_device(args.device))
-    norm = load_checkpoint(args.checkpoint)["normalization"]
+    state = load_checkpoint(args.checkpoint)
+    model = model_from_state(args.checkpoint, state, select_device(args.device))
+    norm = state["normalization"]
     images, labels = load_cifar10(args.data_dir, train=False, download=args.download, verify=args.verify)
     result = evaluate(model, images, labels, norm["mean"], norm["std"], flip_tta=args.flip_tta)
     print(f"test images {len(labels)}  loss {result['loss']:.4f}  top-1 accuracy {result['accuracy']:.2%}")

@@ -267,7 +267,7 @@ def evaluate(model, images, labels, mean=LAB_MEAN, std=LAB_STD, batch_size: int 
     Args:
         images: uint8 ``[N, 3, 32, 32]`` on any device; moved to the model's device per batch.
         labels: int64 ``[N]``.
-        mean, std: normalization, three fractions each.
+        mean, std: normalization, three fractions each (sequences or float32 ``[3]`` tensors).
         flip_tta: average the logits of each image and its mirror image (test-time augmentation).
 
     Returns:
@@ -412,9 +412,18 @@ def load_model(path, device="cpu") -> tuple[LabCNN, dict]:
         CheckpointError: as :func:`load_checkpoint`, or its weights do not fit ``LabCNN``.
     """
     state = load_checkpoint(path)
+    return model_from_state(path, state, device), state["config"]
+
+
+def model_from_state(path, state: dict, device="cpu") -> LabCNN:
+    """A :class:`LabCNN` holding the weights of ``state`` (from :func:`load_checkpoint` of ``path``).
+
+    Raises:
+        CheckpointError: the weights do not fit ``LabCNN``.
+    """
     model = LabCNN()
     load_weights(path, model, state["model"])
-    return model.to(device, memory_format=torch.channels_last), state["config"]
+    return model.to(device, memory_format=torch.channels_last)
 
 
 def check_resumable(path: Path, state: dict, config: TrainConfig) -> None:
@@ -493,7 +502,7 @@ def fit(config: TrainConfig, train_data, test_data, run_dir=None, device=None, l
         record = {"epoch": epoch, "train_loss": train_loss, "train_acc": train_acc}
         for name, split in (("val", val), ("test", test_data)):
             if split is not None:
-                result = evaluate(model, *split, mean.tolist(), std.tolist(), config.eval_batch_size)
+                result = evaluate(model, *split, mean, std, config.eval_batch_size)
                 record.update({f"{name}_loss": result["loss"], f"{name}_acc": result["accuracy"]})
         elapsed = (history[-1]["elapsed_train_seconds"] if history else 0.0) + train_seconds
         record.update(lr=lr, seconds=time.perf_counter() - start, elapsed_train_seconds=elapsed)
@@ -549,8 +558,7 @@ def resume(run_dir, config, model, optimizer, scheduler, log) -> list[dict]:
 
 
 def save_run(run_dir: Path, model, optimizer, scheduler, history, config, mean, std) -> None:
-    """Write ``checkpoint.pt`` and ``history.json`` for the epochs completed so far."""
-    run_dir.mkdir(parents=True, exist_ok=True)
+    """Write ``checkpoint.pt`` and ``history.json`` (into the folder :func:`fit` made) for the epochs completed so far."""
     state = {
         "format": CHECKPOINT_FORMAT,
         "model": model.state_dict(),
