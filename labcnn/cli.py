@@ -40,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--recipe", default="lab", choices=["lab", "improved"], help="named settings (default: the lab's)")
     train.add_argument("--epochs", type=positive(int))
     train.add_argument("--batch-size", type=positive(int))
+    train.add_argument("--optimizer", choices=["adam", "adamw", "sgd"], help="default: the recipe's")
     train.add_argument("--lr", type=positive(float))
     train.add_argument("--weight-decay", type=float)
     train.add_argument("--seed", type=int)
@@ -76,7 +77,7 @@ def run_train(args) -> None:
 
     use_physical_cores()
     config = make_config(
-        args.recipe, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
+        args.recipe, epochs=args.epochs, batch_size=args.batch_size, optimizer=args.optimizer, lr=args.lr, weight_decay=args.weight_decay,
         seed=args.seed, subset=args.subset, val_size=args.val_size, amp=args.amp or None,
         compile=args.compile or None,
     )

@@ -42,8 +42,9 @@ class TrainConfig:
         batch_size: training images per step; the last batch of an epoch may be smaller,
             down to one image. That trains without error: every BatchNorm is a BatchNorm2d,
             which averages each channel over its 33x33, 17x17 or 9x9 map, never over one value.
-        optimizer: ``"adam"`` (torch.optim.Adam, L2 ``weight_decay`` added to the gradient) or
-            ``"sgd"`` (torch.optim.SGD with Nesterov momentum).
+        optimizer: ``"adam"`` (torch.optim.Adam, L2 ``weight_decay`` added to the gradient),
+            ``"adamw"`` (torch.optim.AdamW, decoupled weight decay; Loshchilov and Hutter, 2019)
+            or ``"sgd"`` (torch.optim.SGD with Nesterov momentum).
         lr: learning rate; the peak rate for the ``"onecycle"`` schedule.
         weight_decay: L2 penalty coefficient.
         momentum: SGD momentum (unused by Adam).
@@ -83,7 +84,7 @@ class TrainConfig:
     def __post_init__(self):
         checks = {
             "epochs": self.epochs >= 1, "batch_size": self.batch_size >= 1, "lr": self.lr > 0,
-            "weight_decay": self.weight_decay >= 0, "optimizer": self.optimizer in ("adam", "sgd"),
+            "weight_decay": self.weight_decay >= 0, "optimizer": self.optimizer in ("adam", "adamw", "sgd"),
             "schedule": self.schedule in ("constant", "onecycle"), "val_size": self.val_size >= 0,
             "label_smoothing": 0 <= self.label_smoothing < 1, "eval_batch_size": self.eval_batch_size >= 1,
             "subset": self.subset is None or self.subset >= 1,
@@ -167,6 +168,8 @@ def show_progress() -> bool:
 def make_optimizer(config: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
     if config.optimizer == "adam":
         return torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    if config.optimizer == "adamw":
+        return torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     return torch.optim.SGD(
         model.parameters(), lr=config.lr, momentum=config.momentum, nesterov=True, weight_decay=config.weight_decay
     )
