@@ -37,10 +37,12 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
-from labcnn.data import LAB_MEAN, LAB_STD, normalization_tensors, normalize
+from labcnn.config import TrainConfig, make_config
+from labcnn.device import describe_device, grad_scaler
 from labcnn.errors import ConfigError
 from labcnn.model import LabCNN
-from labcnn.train import TrainConfig, describe_device, make_config, make_optimizer, train_one_epoch
+from labcnn.train import make_optimizer, train_one_epoch
+from labcnn.transforms import LAB_MEAN, LAB_STD, Normalization, epoch_generator, training_batches
 
 EPOCH_IMAGES = 50_000  # one pass over the CIFAR-10 training split
 WARMUP_STEPS = 5  # untimed training steps per contender before the rounds
@@ -128,14 +130,17 @@ def labcnn_contender(images, labels, config: TrainConfig, device, seed: int, com
     one pass over its first ``n % len(labels)`` images; returns the number trained on."""
     model, optimizer = fresh_model(config, device, torch.channels_last, seed)
     step_model = torch.compile(model) if compile else model
-    mean, std = normalization_tensors(config.mean, config.std, device)
+    normalization = Normalization(config.mean, config.std)
+    scaler = grad_scaler(device, None)
     images, labels = images.to(device), labels.to(device)
     epochs = itertools.count(1)
 
     def train(n: int) -> int:
         sizes = [len(labels)] * (n // len(labels)) + [n % len(labels)]
         for size in filter(None, sizes):
-            train_one_epoch(step_model, optimizer, None, images[:size], labels[:size], config, next(epochs), mean, std)
+            generator = epoch_generator(config.seed, next(epochs))
+            batches = training_batches(images[:size], labels[:size], config.batch_size, generator, normalization)
+            train_one_epoch(step_model, optimizer, None, scaler, batches, math.ceil(size / config.batch_size))
         return n
 
     return train
@@ -146,10 +151,10 @@ def ceiling_contender(images, labels, config: TrainConfig, device, seed: int, st
     normalized float32 channels_last batches. Returns ``train(n)`` (``n`` rounded up to whole
     batches); returns the number trained on."""
     model, optimizer = fresh_model(config, device, torch.channels_last, seed)
-    mean, std = normalization_tensors(config.mean, config.std, device)
+    normalization = Normalization(config.mean, config.std)
     order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))[:staged]
     batches = [
-        (normalize(images[i].to(device), mean, std).contiguous(memory_format=torch.channels_last), labels[i].to(device))
+        (normalization(images[i].to(device)).contiguous(memory_format=torch.channels_last), labels[i].to(device))
         for i in order.split(config.batch_size)
     ]
     stream = itertools.cycle(batches)

@@ -1,4 +1,5 @@
 """The project's error types: each one is a user-facing problem with a one-line message."""
+from __future__ import annotations
 
 
 class LabcnnError(Exception):
@@ -20,3 +21,23 @@ class TrainingDiverged(LabcnnError):
 
 class ConfigError(LabcnnError, ValueError):
     """A training setting is out of range or unknown."""
+
+
+class WriteError(LabcnnError):
+    """A file or folder could not be written (no permission, read-only or full disk).
+
+    Attributes: ``path`` (the file or folder), ``reason`` (a few words, e.g. ``Permission denied``).
+    """
+
+    def __init__(self, path, reason: str, advice: str | None = None):
+        self.path, self.reason = path, reason
+        advice = advice or "make its folder writable and free disk space, or choose another folder"
+        super().__init__(f"cannot write {path} ({reason}): {advice}")
+
+
+class RunFolderBusy(LabcnnError):
+    """Another process is training into the same run folder."""
+
+
+class DeviceError(LabcnnError, ValueError):
+    """A device name is unknown, or names a device this machine does not have."""

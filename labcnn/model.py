@@ -11,6 +11,10 @@ from torch import nn
 
 NUM_CLASSES = 10
 INPUT_SIZE = (1, 3, 32, 32)  # one CIFAR-10 image, [N, C, H, W]
+# The lab's layer settings, used by the model and by the GIFs that explain it (labcnn.animations).
+KERNEL_SIZE, STRIDE, PADDING = 2, 1, 1  # every Conv2d
+POOL_SIZE = 2  # MaxPool2d(2): a 2x2 window, stride 2 (the stride defaults to the window size)
+CHANNELS = (32, 64, 128)  # out_channels of conv1, conv2, conv3
 
 
 def conv_block(in_channels: int, out_channels: int) -> nn.Sequential:
@@ -20,10 +24,10 @@ def conv_block(in_channels: int, out_channels: int) -> nn.Sequential:
     so 32 -> 33 -> 16, 16 -> 17 -> 8 and 8 -> 9 -> 4.
     """
     return nn.Sequential(
-        nn.Conv2d(in_channels, out_channels, kernel_size=2, stride=1, padding=1),
+        nn.Conv2d(in_channels, out_channels, kernel_size=KERNEL_SIZE, stride=STRIDE, padding=PADDING),
         nn.BatchNorm2d(out_channels),
         nn.ReLU(inplace=True),
-        nn.MaxPool2d(2),
+        nn.MaxPool2d(POOL_SIZE),
     )
 
 
@@ -37,10 +41,10 @@ class LabCNN(nn.Module):
 
     def __init__(self, num_classes: int = NUM_CLASSES) -> None:
         super().__init__()
-        self.conv1 = conv_block(3, 32)
-        self.conv2 = conv_block(32, 64)
-        self.conv3 = conv_block(64, 128)
-        self.fc1 = nn.Linear(128 * 4 * 4, 256)
+        self.conv1 = conv_block(3, CHANNELS[0])
+        self.conv2 = conv_block(CHANNELS[0], CHANNELS[1])
+        self.conv3 = conv_block(CHANNELS[1], CHANNELS[2])
+        self.fc1 = nn.Linear(CHANNELS[2] * 4 * 4, 256)
         self.fc2 = nn.Linear(256, 128)
         self.fc3 = nn.Linear(128, num_classes)
         self.relu = nn.ReLU(inplace=True)
@@ -81,14 +85,22 @@ def summary(model: nn.Module, depth: int = 2):
     )
 
 
-def collapsed_filters(model: LabCNN, tolerance: float = 1e-3) -> dict[str, tuple[int, int]]:
-    """Per convolution, ``(filters whose weights are all below tolerance in magnitude, filters)``.
+# A filter whose weights' L2 norm is below this is counted as collapsed: it outputs (almost) a
+# constant, so it detects nothing. The filter figure (labcnn.plots.plot_filters) marks the same ones.
+COLLAPSE_NORM = 1e-2
 
-    Such a filter outputs a constant, so it detects nothing: a sign of "dead" units.
-    """
-    counts = {}
-    for name in ("conv1", "conv2", "conv3"):
-        weight = getattr(model, name)[0].weight.detach()
-        largest = weight.abs().flatten(1).amax(dim=1)
-        counts[name] = (int((largest < tolerance).sum()), weight.shape[0])
-    return counts
+
+def filter_norms(weight: torch.Tensor) -> torch.Tensor:
+    """The L2 norm of each filter of a convolution weight ``[C_out, C_in, k, k]``: float32 ``[C_out]``
+    on the CPU. Raises ValueError unless ``weight`` is 4-D."""
+    if weight.dim() != 4:
+        raise ValueError(f"expected a convolution weight [C_out, C_in, k, k], got shape {tuple(weight.shape)}")
+    return weight.detach().float().cpu().flatten(1).norm(dim=1)
+
+
+def collapsed_filters(model: LabCNN, threshold: float = COLLAPSE_NORM) -> dict[str, tuple[int, int]]:
+    """Per convolution, ``(filters whose L2 norm is below threshold, filters)``, by :func:`filter_norms`."""
+    return {
+        name: (int((filter_norms(conv[0].weight) < threshold).sum()), conv[0].weight.shape[0])
+        for name, conv in (("conv1", model.conv1), ("conv2", model.conv2), ("conv3", model.conv3))
+    }

@@ -23,7 +23,8 @@ from pathlib import Path
 import torch
 import torchvision
 
-from labcnn.train import TrainConfig, describe_device, make_config, select_device
+from labcnn.config import TrainConfig, make_config
+from labcnn.device import describe_device, select_device
 
 
 ORIGINAL_ACCURACY = 0.6926  # the original lab report's claimed test accuracy (see the notebook's section 7)

@@ -19,3 +19,14 @@ def tree_data(tmp_path_factory):
     root = tmp_path_factory.mktemp("tree")
     train, test = make_dataset(root, "tree")
     return root, train, test
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread: on a busy machine these tiny models then train several times faster."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -6,13 +6,15 @@ network beats chance within an epoch or two. Nothing here comes from the real da
 from __future__ import annotations
 
 import pickle
+import random
 import tarfile
+import warnings
 from pathlib import Path
 
 import torch
 from PIL import Image
 
-from labcnn.data import CLASSES
+from labcnn.data import CLASSES, load_cifar10
 
 
 def make_images(per_class: int, seed: int = 0, noise: float = 40.0):
@@ -93,3 +95,32 @@ def make_dataset(root: Path, layout: str, train_per_class: int = 20, test_per_cl
     else:
         write_tree(root, train, test)
     return train, test
+
+
+def tiny_batches(root: Path) -> Path:
+    """The official layout with 2 training and 1 test image per class; returns its folder."""
+    return write_batches(root / "cifar-10-batches-py", make_images(2), make_images(1, seed=1))
+
+
+def load(root, train: bool = True, verify: bool = False, **kwargs):
+    """:func:`labcnn.data.load_cifar10`, by default without MD5s (synthetic files are not the
+    release's) and without the warning that gives."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return load_cifar10(root, train=train, verify=verify, **kwargs)
+
+
+def corrupt(blob: bytes, rng: random.Random) -> bytes:
+    """``blob`` with 1-4 flipped bytes, or cut short."""
+    if rng.random() < 0.3:
+        return blob[: rng.randrange(len(blob))]
+    out = bytearray(blob)
+    for _ in range(rng.randint(1, 4)):
+        out[rng.randrange(len(out))] ^= rng.randint(1, 255)
+    return bytes(out)
+
+
+def assert_well_formed(images, labels):
+    assert images.dtype == torch.uint8 and images.shape[1:] == (3, 32, 32)
+    assert labels.dtype == torch.int64 and labels.shape == (len(images),)
+    assert len(labels) and 0 <= labels.min() and labels.max() < 10

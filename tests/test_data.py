@@ -1,20 +1,32 @@
-import pickle
+"""labcnn.data: every layout loads the same tensors, found by one search rule (see its docstring)."""
+import re
+import shutil
 import warnings
 
 import pytest
 import torch
 import torchvision
-from synthetic import make_dataset, make_images, write_batches, write_png, write_tree
+from synthetic import load, make_dataset, make_images, tiny_batches, write_archive, write_batches, write_tree
 
-from labcnn import data
-from labcnn.data import CLASSES, LAB_MEAN, LAB_STD, channel_stats, load_cifar10, normalize
+from labcnn.cli import main
+from labcnn.data import CLASSES, load_cifar10
 from labcnn.errors import DataError
+from labcnn.transforms import LAB_NORMALIZATION, Normalization, channel_stats, subset
 
 
-def load(root, train=True):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return load_cifar10(root, train=train, verify=False)
+def put_layout(folder, layout):
+    """Write a small synthetic data set so that ``folder`` directly holds ``layout`` (for the
+    batches layout, the batch files; its name is not cifar-10-batches-py). Returns ``train``."""
+    train, test = make_images(2), make_images(1, seed=1)
+    if layout == "batches":
+        write_batches(folder, train, test)
+    else:
+        make_dataset(folder, layout, train_per_class=2, test_per_class=1)
+    return train
+
+
+def small(base, layout):
+    return make_dataset(base, layout, train_per_class=2, test_per_class=1)
 
 
 def test_every_layout_loads_the_same_tensors(tmp_path, layout):
@@ -39,124 +51,145 @@ def test_batches_equal_torchvision(tmp_path, monkeypatch):
         assert reference.classes == list(CLASSES)
 
 
-def test_official_layout_is_verified_by_default(tmp_path):
-    make_dataset(tmp_path, "batches")
-    with pytest.raises(DataError, match="does not match the official CIFAR-10 release"):
-        load_cifar10(tmp_path)
-    with pytest.warns(UserWarning, match="without checking MD5s"):
-        load_cifar10(tmp_path, verify=False)
+# ---------------------------------------------------------------- the search rule
 
 
-def test_archive_is_verified_then_extracted_next_to_itself(tmp_path):
-    make_dataset(tmp_path, "archive")
-    with pytest.raises(DataError, match="does not match"):
-        load_cifar10(tmp_path)
-    assert not (tmp_path / "cifar-10-batches-py").exists()
-    load(tmp_path)
-    assert (tmp_path / "cifar-10-batches-py" / "data_batch_5").is_file()
-    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".labcnn")] == []
+@pytest.mark.parametrize("where", ["data folder", "its parent"])
+def test_root_may_be_the_data_folder_or_its_parent(tmp_path, layout, where):
+    folder = tmp_path / "outer" / "data"
+    train = put_layout(folder, layout)
+    assert torch.equal(load(folder if where == "data folder" else folder.parent)[0], train[0])
 
 
-@pytest.mark.parametrize("where", ["parent", "itself", "grandparent"])
-def test_root_may_be_the_folder_its_parent_or_one_level_up(tmp_path, where):
-    train, _ = make_dataset(tmp_path / "cifar", "batches")
-    root = {"parent": tmp_path / "cifar", "itself": tmp_path / "cifar" / "cifar-10-batches-py", "grandparent": tmp_path}[where]
+def test_a_folder_named_like_the_release_is_searched_like_any_other(tmp_path, layout):
+    """``d/cifar-10-batches-py`` holding its data one level down (for the batches layout, a
+    complete ``cifar-10-batches-py/`` inside it) is not taken for a batches folder by its name."""
+    root = tmp_path / "d" / "cifar-10-batches-py"
+    train, _ = small(root, layout)
     assert torch.equal(load(root)[0], train[0])
+    inner = tmp_path / "e" / "cifar-10-batches-py"
+    train = put_layout(inner / "copy", layout)
+    assert torch.equal(load(inner)[0], train[0])
 
 
-def test_tilde_and_relative_paths_expand(tmp_path, monkeypatch):
-    train, _ = make_dataset(tmp_path / "d", "tree")
+def test_the_release_folder_is_found_where_its_archive_extracts(tmp_path):
+    """In a searched folder F, F/cifar-10-batches-py/ is found (two levels below root): that
+    is where the archive in F extracts, so an extracted archive is not extracted again."""
+    train, _ = small(tmp_path / "a" / "b", "batches")
+    assert torch.equal(load(tmp_path / "a")[0], train[0])
+    train, _ = small(tmp_path / "c" / "d", "archive")
+    load(tmp_path / "c")
+    (tmp_path / "c" / "d" / "cifar-10-python.tar.gz").unlink()
+    assert torch.equal(load(tmp_path / "c")[0], train[0])
+
+
+def test_data_one_level_deeper_than_searched_is_named(tmp_path, layout):
+    deeper = tmp_path / "x" / "y"
+    put_layout(deeper, layout)
+    for download in (False, True):  # found locally: never downloaded
+        with pytest.raises(DataError) as info:
+            load(tmp_path, download=download, url="http://127.0.0.1:9/none")
+        assert str(info.value) == f"found CIFAR-10 at {deeper}, one level deeper than searched: pass --data-dir {deeper}"
+    load(deeper)  # the advice works
+
+
+def test_data_two_levels_deeper_is_not_found(tmp_path, layout):
+    put_layout(tmp_path / "a" / "b" / "c", layout)
+    with pytest.raises(DataError, match=f"^no CIFAR-10 data found in {tmp_path} "):
+        load(tmp_path)
+
+
+def test_nothing_found_names_the_folders_searched_and_the_download(tmp_path):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / ".hidden").mkdir()
+    (tmp_path / "cifar-10-batches-py").mkdir()  # named like the release, holding nothing
+    with pytest.raises(DataError) as info:
+        load_cifar10(tmp_path)
+    searched = f"{tmp_path}, {tmp_path / 'cifar-10-batches-py'}, {tmp_path / 'empty'}"
+    assert str(info.value).startswith(f"no CIFAR-10 data found in {tmp_path} (searched: {searched}). ")
+    assert str(info.value).endswith(
+        "or pass download=True (command line: --download) to fetch the archive from "
+        f"{torchvision.datasets.CIFAR10.url} (needs internet).")
+    with pytest.raises(DataError, match=re.escape("from http://mirror.example/c.tgz (needs internet)")):
+        load_cifar10(tmp_path, url="http://mirror.example/c.tgz")
+
+
+def test_official_layouts_take_precedence_over_an_image_tree(tmp_path):
+    """Layout before folder order: the batches in the last folder win, then the archive."""
+    tree_train, _ = small(tmp_path / "a_tree", "tree")
+    archive_train, _ = make_dataset(tmp_path / "b_archive", "archive", train_per_class=3, test_per_class=1, seed=5)
+    batches_train, _ = make_dataset(tmp_path / "c_batches", "batches", train_per_class=1, test_per_class=1, seed=7)
+    assert torch.equal(load(tmp_path)[0], batches_train[0])
+    shutil.rmtree(tmp_path / "c_batches")
+    assert torch.equal(load(tmp_path)[0], archive_train[0])
+    shutil.rmtree(tmp_path / "b_archive")
+    assert torch.equal(load(tmp_path)[0], tree_train[0])
+
+
+def test_tilde_and_relative_paths_expand(tmp_path, monkeypatch, layout):
+    train, _ = small(tmp_path / "d", layout)
     monkeypatch.setenv("HOME", str(tmp_path))
     monkeypatch.chdir(tmp_path)
     assert torch.equal(load("~/d")[0], train[0])
     assert torch.equal(load("d")[0], train[0])
 
 
-def test_nothing_found_names_the_folders_searched(tmp_path):
-    (tmp_path / "empty").mkdir()
-    with pytest.raises(DataError, match=f"no CIFAR-10 data found in {tmp_path}.*searched: {tmp_path}, {tmp_path / 'empty'}"):
-        load_cifar10(tmp_path)
+# ---------------------------------------------------------------- the command line on bad data
 
 
-def test_download_without_network_is_a_clear_error(tmp_path, monkeypatch):
-    def offline(*args, **kwargs):
-        raise OSError("network is unreachable")
-
-    monkeypatch.setattr(data, "download_url", offline)
-    with pytest.raises(DataError, match=f"could not download CIFAR-10 .* into {tmp_path}.*Without internet"):
-        load_cifar10(tmp_path, download=True)
-    assert list(tmp_path.iterdir()) == []
+def remove_tree(path):
+    shutil.rmtree(path)
 
 
-def test_bytes_keys_load(tmp_path):
-    train, test = make_images(2), make_images(1, seed=1)
-    write_batches(tmp_path / "cifar-10-batches-py", train, test, bytes_keys=True)
-    assert torch.equal(load(tmp_path)[0], train[0])
+def cli_bad_batches(root):
+    (tiny_batches(root) / "test_batch").write_bytes(b"")
 
 
-def test_image_tree_cache_is_used_and_refreshed(tmp_path, monkeypatch):
-    train, _ = make_dataset(tmp_path, "tree")
-    load(tmp_path)
-    caches = list(tmp_path.glob(".labcnn-train-*.pt"))
-    assert len(caches) == 1
-    monkeypatch.setattr(data, "decode", lambda p: pytest.fail("decoded although cached"))
-    assert torch.equal(load(tmp_path)[0], train[0])
-    monkeypatch.undo()
-    changed = train[0][0].clone()
-    changed[:] = 7
-    write_png(changed, tmp_path / "train" / "airplane" / "0000.png")
-    images, _ = load(tmp_path)
-    assert torch.equal(images[0], changed)
-    assert list(tmp_path.glob(".labcnn-train-*.pt")) != caches and len(list(tmp_path.glob(".labcnn-train-*.pt"))) == 1
+def cli_bad_archive(root):
+    archive = write_archive(root, make_images(1), make_images(1, seed=1))
+    archive.write_bytes(archive.read_bytes()[:2000])
 
 
-def test_image_tree_aliases_and_litter(tmp_path):
-    names = ["plane", "car", *CLASSES[2:]]
-    train, test = make_images(2), make_images(1, seed=1)
-    write_tree(tmp_path, train, test, names=names)
-    (tmp_path / "train" / "cat" / ".DS_Store").write_bytes(b"x")
-    (tmp_path / "train" / "__MACOSX").mkdir()
-    (tmp_path / "train" / "cat" / "Thumbs.db").write_bytes(b"x")
-    images, labels = load(tmp_path)
-    assert torch.equal(labels, train[1]) and torch.equal(images, train[0])
+def cli_bad_tree(root):
+    write_tree(root, make_images(1), make_images(1, seed=1))
+    remove_tree(root / "train" / "horse")
 
 
-def test_image_tree_wrong_class_names_are_listed(tmp_path):
-    write_tree(tmp_path, make_images(1), make_images(1), names=[f"class{i}" for i in range(10)])
-    with pytest.raises(DataError, match=r"class folders \['class0'.*are not CIFAR-10's \['airplane'"):
-        load(tmp_path)
+@pytest.mark.parametrize("make_bad, message", [
+    (cli_bad_batches, "error: {root}/cifar-10-batches-py/test_batch is not a readable CIFAR-10 pickle batch"),
+    (cli_bad_archive, "error: could not extract {root}/cifar-10-python.tar.gz"),
+    (cli_bad_tree, "error: {root}/train: missing class folders ['horse']"),
+])
+def test_cli_data_errors_are_one_line(tmp_path, capsys, make_bad, message):
+    root = tmp_path / "data"
+    root.mkdir()
+    make_bad(root)
+    args = ["train", "--data-dir", str(root), "--out", str(tmp_path / "run"), "--no-verify", "--device", "cpu"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(message.format(root=root)) and err.count("\n") == 1
+    assert not (tmp_path / "run").exists()  # no training started on partial data
 
 
-def test_channel_stats_and_normalize():
+# ---------------------------------------------------------------- after loading (labcnn.transforms)
+
+
+def test_channel_stats_and_normalization():
     images = torch.stack([torch.full((3, 2, 2), 0, dtype=torch.uint8), torch.full((3, 2, 2), 255, dtype=torch.uint8)])
     mean, std = channel_stats(images)
     assert mean == pytest.approx((0.5,) * 3) and std == pytest.approx((0.5,) * 3)
-    x = normalize(images, torch.tensor(LAB_MEAN), torch.tensor(LAB_STD))
+    assert Normalization.measure(images) == Normalization((0.5,) * 3, (0.5,) * 3)
+    x = LAB_NORMALIZATION(images)
     assert x.dtype == torch.float32
-    assert x[1, 0, 0, 0].item() == pytest.approx((1 - LAB_MEAN[0]) / LAB_STD[0])
+    assert x[1, 0, 0, 0].item() == pytest.approx((1 - LAB_NORMALIZATION.mean[0]) / LAB_NORMALIZATION.std[0])
 
 
 def test_subset_is_seeded_and_checked():
     images, labels = make_images(3)
-    a = data.subset(images, labels, 10, seed=1)
-    b = data.subset(images, labels, 10, seed=1)
+    a = subset(images, labels, 10, seed=1)
+    b = subset(images, labels, 10, seed=1)
     assert torch.equal(a[1], b[1]) and len(a[1]) == 10
     with pytest.raises(ValueError, match="between 1 and 30"):
-        data.subset(images, labels, 31)
-
-
-@pytest.mark.parametrize("with_filter", [True, False], ids=["data-filter", "older-python"])
-def test_archive_members_escaping_the_folder_are_refused(tmp_path, monkeypatch, with_filter):
-    import io
-    import tarfile
-
-    if not with_filter:  # Pythons before 3.10.12 / 3.11.4 have no extraction filters
-        monkeypatch.delattr(tarfile, "data_filter", raising=False)
-    archive = tmp_path / "cifar-10-python.tar.gz"
-    with tarfile.open(archive, "w:gz") as tar:
-        member = tarfile.TarInfo("../escaped.txt")
-        member.size = 2
-        tar.addfile(member, io.BytesIO(b"hi"))
-    with pytest.raises(DataError, match="cifar-10-python.tar.gz: refusing"):
-        load(tmp_path)
-    assert not (tmp_path.parent / "escaped.txt").exists()
+        subset(images, labels, 31)

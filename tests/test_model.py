@@ -1,6 +1,10 @@
 import torch
 
-from labcnn.model import LabCNN, collapsed_filters, count_parameters, summary
+import re
+
+import pytest
+
+from labcnn.model import COLLAPSE_NORM, LabCNN, collapsed_filters, count_parameters, filter_norms, summary
 
 
 def test_parameter_count_is_the_labs():
@@ -22,7 +26,8 @@ def test_block_and_logit_shapes():
 def test_summary_table_and_model_untouched():
     model = LabCNN().train()
     table = str(summary(model))
-    assert "[1, 32, 33, 33]" in table and "416" in table
+    convs = re.findall(r"Conv2d \(0\)\s+(\[[^]]+\])\s+(\S+)", table)  # each convolution's row: output shape, parameters
+    assert convs == [("[1, 32, 33, 33]", "416"), ("[1, 64, 17, 17]", "8,256"), ("[1, 128, 9, 9]", "32,896")]
     assert "Total params: 600,746" in table
     assert model.training
     assert next(model.parameters()).device.type == "cpu"
@@ -34,3 +39,12 @@ def test_collapsed_filters_counts_zeroed_kernels():
     with torch.no_grad():
         model.conv2[0].weight[:5] = 1e-5
     assert collapsed_filters(model)["conv2"] == (5, 64)
+
+
+def test_filter_norms_are_l2_norms_per_filter():
+    weight = torch.zeros(3, 2, 2, 2)
+    weight[1, 0, 0, 0], weight[2, 1, 1, 1], weight[2, 0, 0, 1] = -3.0, 3.0, 4.0
+    assert filter_norms(weight).tolist() == [0.0, 3.0, 5.0]
+    assert (filter_norms(weight) < COLLAPSE_NORM).tolist() == [True, False, False]
+    with pytest.raises(ValueError):
+        filter_norms(torch.zeros(3, 4))

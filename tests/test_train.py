@@ -1,82 +1,79 @@
+"""labcnn.train: fit, resume, divergence, interruption, and what a run folder holds after each epoch."""
+import json
+import math
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+
 import pytest
 import torch
+from helpers import ENV, QUICK, quiet, without_times
+from synthetic import make_dataset
 
-from labcnn.errors import CheckpointError, ConfigError
-from labcnn.model import LabCNN
-from labcnn.train import TIME_FIELDS, augment, evaluate, fit, load_checkpoint, make_config
+from labcnn import train as T
+from labcnn.checkpoint import load_checkpoint
+from labcnn.cli import main
+from labcnn.config import make_config
+from labcnn.errors import CheckpointError, ConfigError, TrainingDiverged
 
-QUICK = dict(epochs=2, batch_size=32, lr=0.001)
-
-
-def without_times(history):
-    return [{k: v for k, v in r.items() if k not in TIME_FIELDS} for r in history]
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_loss_falls_and_accuracy_beats_chance(tree_data):
     _, train, test = tree_data
-    _, history = fit(make_config(**{**QUICK, "epochs": 3}), train, test, device="cpu", log=lambda s: None)
+    history = T.fit(make_config(**{**QUICK, "epochs": 3}), train, test, device="cpu", log=quiet).history
     assert history[-1]["train_loss"] < history[0]["train_loss"]
     assert history[-1]["test_acc"] > 0.5  # chance is 0.1
     assert set(history[0]) >= {"epoch", "train_loss", "train_acc", "test_loss", "test_acc", "lr", "seconds"}
 
 
-def test_evaluate_does_not_depend_on_batch_size_and_keeps_state(tree_data):
-    _, train, _ = tree_data
-    model = LabCNN().train()
-    model(torch.randn(8, 3, 32, 32))  # move the BatchNorm running statistics away from their init
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    full = evaluate(model, *train, batch_size=len(train[1]))
-    for batch_size in (1, 7):  # 7 leaves a partial last batch
-        part = evaluate(model, *train, batch_size=batch_size)
-        assert part["loss"] == pytest.approx(full["loss"], rel=1e-5)
-        assert part["accuracy"] == full["accuracy"]
-        assert torch.equal(part["confusion"], full["confusion"])
-    assert model.training
-    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
-    again = evaluate(model, *train, batch_size=len(train[1]))
-    assert again["loss"] == full["loss"] and torch.equal(again["predictions"], full["predictions"])
-    assert full["confusion"].sum() == len(train[1])
-    assert full["accuracy"] == pytest.approx(full["confusion"].diag().sum().item() / len(train[1]))
-
-
 def test_same_seed_same_history(tree_data):
     _, train, test = tree_data
-    runs = [fit(make_config(**QUICK), train, test, device="cpu", log=lambda s: None)[1] for _ in range(2)]
+    runs = [T.fit(make_config(**QUICK), train, test, device="cpu", log=quiet).history for _ in range(2)]
     assert without_times(runs[0]) == without_times(runs[1])
 
 
 def test_resumed_run_ends_like_an_uninterrupted_one(tree_data, tmp_path):
     _, train, test = tree_data
     config = make_config(**{**QUICK, "epochs": 3})
-    _, reference = fit(config, train, test, run_dir=tmp_path / "a", device="cpu", log=lambda s: None)
+    reference = T.fit(config, train, test, run_dir=tmp_path / "a", device="cpu", log=quiet).history
 
     def stop_at_epoch_2(line):
         if line.startswith("epoch 2/"):
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        fit(config, train, test, run_dir=tmp_path / "b", device="cpu", log=stop_at_epoch_2)
-    assert load_checkpoint(tmp_path / "b" / "checkpoint.pt")["epoch"] == 1
+        T.fit(config, train, test, run_dir=tmp_path / "b", device="cpu", log=stop_at_epoch_2)
+    assert load_checkpoint(tmp_path / "b" / "checkpoint.pt")["epoch"] == 2  # logged after it was saved
     lines = []
-    _, resumed = fit(config, train, test, run_dir=tmp_path / "b", device="cpu", log=lines.append)
+    resumed = T.fit(config, train, test, run_dir=tmp_path / "b", device="cpu", log=lines.append).history
     assert without_times(resumed) == without_times(reference)
-    assert "resuming: 1 of 3 epochs restored" in " ".join(lines)
+    assert "resuming: 2 of 3 epochs restored" in " ".join(lines)
 
 
-def test_checkpoint_is_plain_and_complete(tree_data, tmp_path):
+def test_run_folder_is_complete_when_each_epoch_is_logged(tree_data, tmp_path):
+    """Checkpoint, history and both curves exist (and are current) before the epoch's line."""
     _, train, test = tree_data
-    fit(make_config(**{**QUICK, "epochs": 1}), train, test, run_dir=tmp_path, device="cpu", log=lambda s: None)
-    state = torch.load(tmp_path / "checkpoint.pt", weights_only=True, map_location="cpu")
-    assert {"model", "optimizer", "epoch", "history", "config"} <= set(state)
-    assert state["epoch"] == 1 and state["config"]["epochs"] == 1
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt", "history.json"]
+    seen = []
+
+    def log(line):
+        if line.startswith("epoch "):
+            seen.append((sorted(p.name for p in tmp_path.iterdir()), load_checkpoint(tmp_path / "checkpoint.pt")["epoch"],
+                         len(json.loads((tmp_path / "history.json").read_text())), line))
+
+    T.fit(make_config(**{**QUICK, "epochs": 3}), train, test, run_dir=tmp_path, device="cpu", log=log)
+    assert [s[0] for s in seen] == [[".lock", "accuracy.png", "checkpoint.pt", "history.json", "loss.png"]] * 3
+    assert [(s[1], s[2]) for s in seen] == [(1, 1), (2, 2), (3, 3)]
+    assert "left" in seen[0][3] and "left" in seen[1][3] and "left" not in seen[2][3]  # time left, until the last epoch
 
 
-def test_resume_with_other_settings_is_refused(tree_data, tmp_path):
+def test_last_training_batch_of_one_image(tree_data):
     _, train, test = tree_data
-    fit(make_config(**{**QUICK, "epochs": 1}), train, test, run_dir=tmp_path, device="cpu", log=lambda s: None)
-    with pytest.raises(CheckpointError, match=r"lr=0.001 \(now 0.002\)"):
-        fit(make_config(**{**QUICK, "epochs": 1, "lr": 0.002}), train, test, run_dir=tmp_path, device="cpu", log=print)
+    config = make_config(epochs=1, batch_size=8, subset=17, lr=0.001)  # batches of 8, 8 and 1
+    assert math.isfinite(T.fit(config, train, test, device="cpu", log=quiet).history[0]["train_loss"])
 
 
 def test_lab_recipe_defaults():
@@ -84,17 +81,145 @@ def test_lab_recipe_defaults():
     assert (config.epochs, config.batch_size, config.optimizer, config.lr, config.weight_decay, config.seed) == (
         50, 100, "adam", 0.01, 0.001, 0)
     assert config.mean == (0.4914, 0.4822, 0.4465) and config.std == (0.2023, 0.1994, 0.2010)
+    assert config.amp == "off" and not config.compile  # the graded run reproduces exactly
     with pytest.raises(ConfigError, match="unknown recipe"):
-        make_config("fast")
-    with pytest.raises(ConfigError, match="batch_size=0"):
-        make_config(batch_size=0)
+        make_config("nonexistent")
 
 
-def test_augment_crops_and_flips_like_torchvision():
-    images = torch.arange(2 * 3 * 32 * 32).reshape(2, 3, 32, 32).to(torch.uint8)
-    out = augment(images, torch.Generator().manual_seed(0))
-    assert out.shape == images.shape and out.dtype == torch.uint8
-    padded = torch.nn.functional.pad(images, (4, 4, 4, 4))
-    for i in range(2):  # each output is some 32x32 window of the padded image, maybe mirrored
-        windows = [padded[i, :, r : r + 32, c : c + 32] for r in range(9) for c in range(9)]
-        assert any(torch.equal(out[i], w) or torch.equal(out[i], w.flip(2)) for w in windows)
+def test_resume_with_other_settings_is_refused(tree_data, tmp_path):
+    _, train, test = tree_data
+    T.fit(make_config(**{**QUICK, "epochs": 1}), train, test, run_dir=tmp_path, device="cpu", log=quiet)
+    with pytest.raises(CheckpointError, match=r"lr=0.001 \(now 0.002\)"):
+        T.fit(make_config(**{**QUICK, "epochs": 1, "lr": 0.002}), train, test, run_dir=tmp_path, device="cpu", log=quiet)
+
+
+# ---------------------------------------------------------------- divergence
+
+
+def poison_evaluation(monkeypatch, split_index: int, epoch: int):
+    """Make the ``split_index``-th evaluation (0: validation, or test) of ``epoch`` return NaN."""
+    real, calls = T.evaluate, []
+
+    def evaluate(*args, **kwargs):
+        calls.append(1)
+        result = real(*args, **kwargs)
+        return {**result, "loss": math.nan} if len(calls) == split_index + 1 + (epoch - 1) * 2 else result
+
+    monkeypatch.setattr(T, "evaluate", evaluate)
+
+
+@pytest.mark.parametrize("where, name", [(0, "val loss"), (1, "test loss")])
+def test_non_finite_evaluation_stops_at_once_and_keeps_the_last_finite_checkpoint(tree_data, tmp_path, monkeypatch, where, name):
+    _, train, test = tree_data
+    poison_evaluation(monkeypatch, where, epoch=2)
+    config = make_config(**{**QUICK, "epochs": 3, "val_size": 40})
+    with pytest.raises(TrainingDiverged, match=f"the {name} became nan at epoch 2; .*checkpoint.pt \\(epoch 1, all its figures finite\\) is kept"):
+        T.fit(config, train, test, run_dir=tmp_path, device="cpu", log=quiet)
+    state = load_checkpoint(tmp_path / "checkpoint.pt")
+    assert state["epoch"] == 1 and all(math.isfinite(v) for v in state["history"][0].values())
+    assert json.loads((tmp_path / "history.json").read_text()) == state["history"]  # strict JSON: no NaN token
+
+
+def test_divergence_names_epoch_and_step(tree_data, tmp_path, capsys, monkeypatch):
+    root, _, _ = tree_data
+    real, calls = T.train_one_epoch, []
+
+    def poisoned(model, optimizer, scheduler, scaler, batches, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:  # NaN inputs from the 3rd step of epoch 2
+            batches = ((x * math.nan, y) if step >= 2 else (x, y) for step, (x, y) in enumerate(batches))
+        return real(model, optimizer, scheduler, scaler, batches, *args, **kwargs)
+
+    monkeypatch.setattr(T, "train_one_epoch", poisoned)
+    out = tmp_path / "run"
+    assert main(["train", "--data-dir", str(root), "--out", str(out), "--epochs", "3", "--batch-size", "32", "--lr", "0.001", "--device", "cpu"]) == 2
+    assert capsys.readouterr().err == (
+        f"error: the training loss became nan at step 3 of epoch 2; {out / 'checkpoint.pt'} (epoch 1, all its figures finite) "
+        "is kept. Lower the learning rate and train into a new run folder\n")
+    assert load_checkpoint(out / "checkpoint.pt")["epoch"] == 1
+
+
+def test_enormous_learning_rate_stops_in_the_first_epoch_and_writes_nothing(tree_data, tmp_path):
+    """The improved recipe at lr 1000 gave NaN validation and test losses at epoch 1 while its
+    training loss was still finite; it must stop there, with no checkpoint to mistake for good."""
+    _, train, test = tree_data
+    config = make_config("improved", epochs=2, batch_size=32, lr=1000.0, val_size=40)
+    with pytest.raises(TrainingDiverged, match=r"became (nan|inf|-inf) at (step \d+ of )?epoch 1; no checkpoint was written"):
+        T.fit(config, train, test, run_dir=tmp_path, device="cpu", log=quiet)
+    assert not (tmp_path / "checkpoint.pt").exists() and not (tmp_path / "history.json").exists()
+
+
+# ---------------------------------------------------------------- interruption
+
+
+def wait_for_epoch_lines(proc, after: int, count: int) -> list[float]:
+    """Read ``proc``'s output until ``count`` epochs past ``after`` are logged; their read times."""
+    times = []
+    for line in proc.stdout:
+        if line.startswith("epoch ") and int(line.split()[1].split("/")[0]) > after:
+            times.append(time.perf_counter())
+            if len(times) == count:
+                return times
+    pytest.fail(f"the run ended before {count} new epochs (exit status {proc.wait()})")
+
+
+def start_train(root, out, epochs, **popen):
+    command = [sys.executable, "-m", "labcnn", "train", "--data-dir", str(root), "--out", str(out), "--epochs", str(epochs),
+               "--subset", "160", "--batch-size", "8", "--lr", "0.002", "--seed", "3", "--device", "cpu"]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=popen.pop("stderr", subprocess.STDOUT), text=True, env=ENV)
+    watchdog = threading.Timer(180, proc.kill)  # a hung run fails the test instead of blocking it
+    watchdog.daemon = True
+    watchdog.start()
+    return proc
+
+
+def test_ctrl_c_ends_with_one_line_saying_where_to_resume(tree_data, tmp_path):
+    root, _, _ = tree_data
+    out = tmp_path / "run"
+    proc = start_train(root, out, 1000, stderr=subprocess.PIPE)
+    try:
+        wait_for_epoch_lines(proc, 0, 1)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130
+    assert err.strip() == f"interrupted: completed epochs are saved in {out}; run the same command to resume"
+    state = load_checkpoint(out / "checkpoint.pt")
+    assert state["epoch"] == len(state["history"]) >= 1
+
+
+def test_killed_training_resumes_exactly(tmp_path):
+    """SIGKILL a real training run at 4 seeded random moments, resume, compare with an uninterrupted run."""
+    root = tmp_path / "data"
+    make_dataset(root, "tree")
+    epochs, rng = 16, random.Random(3)
+    reference = start_train(root, tmp_path / "reference", epochs)  # runs alongside the killed ones
+    out, snapshots, epoch_seconds = tmp_path / "killed", [], None
+    for kill in range(4):
+        done = len(snapshots[-1]) if snapshots else 0
+        proc = start_train(root, out, epochs)
+        times = wait_for_epoch_lines(proc, done, 1 if epoch_seconds else 2)
+        epoch_seconds = epoch_seconds or times[1] - times[0]
+        time.sleep(rng.uniform(0, 1.2) * epoch_seconds)  # in training, evaluation or the writes
+        proc.kill()
+        proc.wait()
+        state = load_checkpoint(out / "checkpoint.pt")  # always a complete checkpoint...
+        assert state["epoch"] == len(state["history"]) >= done  # ...of an earlier epoch
+        on_disk = json.loads((out / "history.json").read_text())
+        assert on_disk == state["history"][: len(on_disk)] and len(on_disk) >= state["epoch"] - 1
+        snapshots.append(state["history"])
+    done = len(snapshots[-1])
+    proc = start_train(root, out, epochs)  # the killed runs' locks died with them
+    printed, _ = proc.communicate(timeout=180)
+    assert proc.returncode == 0, printed
+    assert f"resuming: {done} of {epochs} epochs restored from {out / 'checkpoint.pt'}\nepoch {done + 1}/{epochs}  train loss" in printed
+    printed_reference, _ = reference.communicate(timeout=180)
+    assert reference.returncode == 0, printed_reference
+    expected = json.loads((tmp_path / "reference" / "history.json").read_text())
+    resumed = json.loads((out / "history.json").read_text())
+    assert len(expected) == epochs and without_times(resumed) == without_times(expected)
+    for history in snapshots:
+        assert without_times(history) == without_times(expected[: len(history)])
+    final, reference_state = load_checkpoint(out / "checkpoint.pt"), load_checkpoint(tmp_path / "reference" / "checkpoint.pt")
+    assert all(torch.equal(final["model"][k], v) for k, v in reference_state["model"].items())
