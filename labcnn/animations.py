@@ -60,11 +60,6 @@ def hold_frames(fps: float) -> int:
     return max(1, round(HOLD_SECONDS * fps))
 
 
-def output_size(size: int, kernel: int, stride: int = 1, padding: int = 0) -> int:
-    """Output side length of a convolution or pooling: ``floor((size + 2*padding - kernel) / stride) + 1``."""
-    return (size + 2 * padding - kernel) // stride + 1
-
-
 def conv_output() -> torch.Tensor:
     """``F.conv2d`` of ``CONV_INPUT`` with ``CONV_KERNEL`` (stride 1, padding 1): float32 ``[5, 5]``."""
     x, k = CONV_INPUT[None, None], CONV_KERNEL[None, None]

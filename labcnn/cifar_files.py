@@ -1,4 +1,5 @@
-"""The official CIFAR-10 python release: its batch files, its archive, and its download.
+"""The official CIFAR-10 python release: its batch files and its archive (downloads:
+:mod:`labcnn.cifar_download`).
 
 * ``cifar-10-batches-py/``: ``data_batch_1`` .. ``data_batch_5`` (10,000 images each),
   ``test_batch`` (10,000) and ``batches.meta`` (the class names), each a pickled dict with
@@ -25,17 +26,16 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 import torch
 from torchvision.datasets import CIFAR10
-from torchvision.datasets.utils import check_integrity, download_url
+from torchvision.datasets.utils import check_integrity
 
 from labcnn.errors import DataError, WriteError
-from labcnn.fileio import make_dir, reason, staged_dir
+from labcnn.fileio import reason, staged_dir
 
 # Label order of the official release (batches.meta, label_names): index = label.
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 
 BATCHES_DIR = CIFAR10.base_folder  # "cifar-10-batches-py"
 ARCHIVE = CIFAR10.filename  # "cifar-10-python.tar.gz"
-URL = CIFAR10.url  # https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz
 ARCHIVE_MD5 = CIFAR10.tgz_md5
 # errno values that mean "this folder cannot take the files", as opposed to a damaged archive.
 WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
@@ -62,7 +62,7 @@ def check_file(path: Path, md5: str, verify: bool) -> None:
         raise DataError(
             f"{path} does not match the official CIFAR-10 release (MD5 {md5} expected, per "
             "torchvision.datasets.CIFAR10): it is truncated, damaged or re-packed. Download it "
-            "again, or pass verify=False (--no-verify) to load a re-packed copy."
+            "again, or pass verify=False (command line: --no-verify) to load a re-packed copy."
         )
 
 
@@ -155,16 +155,25 @@ def extract(archive: Path, verify: bool) -> Path:
         WriteError: the archive's folder cannot be written (read-only input, full disk); the
             message says how to extract it elsewhere.
         DataError: the archive fails its MD5 (with ``verify``), is truncated or damaged, holds
-            links or paths outside its folder, or lacks a file of the release.
+            links or paths outside its folder, or lacks a file of the release; or a folder
+            ``cifar-10-batches-py`` without batch files is in the way.
     """
     advice = (f"extract the archive elsewhere (tar -xzf {archive} -C DIR) and pass that DIR "
               f"(command line: --data-dir DIR), or point --data-dir at a writable copy of {archive.parent}")
-    with write_errors(archive.parent, advice):
-        with staged_dir(archive.parent / BATCHES_DIR) as scratch:
-            if verify:
-                check_file(archive, ARCHIVE_MD5, verify)
-            unpack(archive, scratch)
-    return archive.parent / BATCHES_DIR
+    target = archive.parent / BATCHES_DIR
+    with write_errors(archive.parent, advice), staged_dir(target) as scratch:
+        if verify:
+            check_file(archive, ARCHIVE_MD5, verify)
+        unpack(archive, scratch)
+    return placed(target, archive)
+
+
+def placed(target: Path, source) -> Path:
+    """``target`` if it holds batch files; else :func:`~labcnn.fileio.staged_dir` kept a folder that
+    was already there and is not another process's copy: a :class:`DataError` naming ``source``."""
+    if not holds_batches(target):
+        raise DataError(f"cannot extract {source}: {target} is in the way (a folder without batch files); move or delete it")
+    return target
 
 
 @contextmanager
@@ -222,12 +231,10 @@ def extract_tar(archive: Path, folder: Path, shown=None) -> None:
     (other members are skipped), refusing any member that would land outside ``folder``.
 
     Uses tarfile's ``"data"`` filter (Python 3.12, 3.11.4, 3.10.12 and later) on every member;
-    older Pythons lack it, so there only plain files and folders with relative, ``..``-free
-    names are accepted.
+    on older Pythons only plain files and folders with relative, ``..``-free names are accepted.
 
     Raises:
-        DataError: a member is a link, device or absolute/escaping path; other tarfile errors
-            propagate.
+        DataError: a member is a link, device or absolute/escaping path (other tarfile errors propagate).
     """
     def refuse(what):
         return DataError(f"{shown or archive}: refusing a member ({what}); expected plain files inside the archive's folder")
@@ -251,49 +258,3 @@ def extract_tar(archive: Path, folder: Path, shown=None) -> None:
                 raise refuse(repr(member.name))
             member.name = inside_batches_dir(member.name)
         tar.extractall(folder, members=[m for m in members if m.name])
-
-
-def download(root: Path, url: str, verify: bool) -> Path:
-    """Download the archive from ``url`` with torchvision's ``download_url`` and extract it into
-    ``root/cifar-10-batches-py``; returns that folder. The archive is not kept.
-
-    Both steps happen in one :func:`~labcnn.fileio.staged_dir` inside ``root``: a failed,
-    interrupted or refused download leaves nothing behind, and of two processes downloading into
-    one ``root`` at once, the first to finish is kept. With ``verify``, the archive must have the
-    official MD5 (``torchvision.datasets.CIFAR10.tgz_md5``).
-
-    Raises:
-        WriteError: ``root`` cannot be created or written.
-        DataError: the download failed (no network, unreachable ``url``), the file's MD5 differs
-            (with ``verify``), or the archive is damaged.
-    """
-    advice = "download into a writable folder instead: pass it as root (command line: --data-dir DIR)"
-    with write_errors(root, advice):
-        make_dir(root)
-        with staged_dir(root / BATCHES_DIR) as scratch:
-            fetch(url, scratch, root)
-            if verify and not check_integrity(str(scratch / ARCHIVE), ARCHIVE_MD5):
-                raise DataError(
-                    f"the file downloaded from {url} does not match the official CIFAR-10 archive (MD5 "
-                    f"{ARCHIVE_MD5} expected, per torchvision.datasets.CIFAR10); nothing was kept. Download "
-                    "again, or, for a mirror's re-packed archive, pass verify=False (command line: --no-verify)."
-                )
-            unpack(scratch / ARCHIVE, scratch, shown=f"the archive downloaded from {url}")
-            (scratch / ARCHIVE).unlink()
-    return root / BATCHES_DIR
-
-
-def fetch(url: str, folder: Path, root: Path) -> None:
-    """``download_url(url, folder, ARCHIVE)``, its failures (other than a full disk) as one
-    :class:`DataError` line naming ``url`` and ``root``."""
-    try:
-        download_url(url, str(folder), ARCHIVE)
-    except Exception as e:  # urllib, http.client and socket raise many types
-        if refused_write(e, folder):
-            raise WriteError(folder, reason(e)) from None
-        what = (str(e).strip().splitlines() or [""])[0]
-        raise DataError(
-            f"could not download CIFAR-10 from {url} into {root} ({type(e).__name__}: {what}). "
-            f"Without internet, copy {ARCHIVE}, {BATCHES_DIR}/ or an image tree train/<class>/, "
-            f"test/<class>/ into {root}."
-        ) from None

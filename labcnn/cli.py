@@ -1,4 +1,4 @@
-"""Command line: ``python -m labcnn {train,evaluate,summary,gifs,bench} ...``; ``--help`` on each.
+"""Command line: ``python -m labcnn {train,evaluate,summary,filters,gifs,bench} ...``; ``--help`` on each.
 
 A user error (missing data, a bad value or device, a damaged checkpoint, an unwritable folder)
 ends with one line ``error: ...`` on stderr and exit status 2, before anything is written;
@@ -91,6 +91,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     commands.add_parser("summary", help="print the model's per-layer table (torchinfo)")
 
+    filters = commands.add_parser("filters", help="count each convolution's collapsed filters (L2 norm below 0.01)")
+    filters.add_argument("checkpoints", nargs="+", type=path, metavar="CHECKPOINT")
+    filters.add_argument("--json", type=path, metavar="PATH", help="also write the counts as JSON: {checkpoint: {conv: [collapsed, filters]}}")
+
     gifs = commands.add_parser("gifs", help="write the convolution and max-pooling GIFs")
     gifs.add_argument("--out", default=Path("Images"), type=path, help="folder for the GIFs (default: Images)")
     gifs.add_argument("--notebook", default=Path("notebooks/lab1_cnn_cifar10.ipynb"), type=path,
@@ -166,6 +170,20 @@ def run_summary(args) -> None:
     print(summary(LabCNN()))
 
 
+def run_filters(args) -> None:
+    from labcnn.checkpoint import load_trained
+    from labcnn.fileio import write_json
+    from labcnn.model import COLLAPSE_NORM, collapsed_filters
+
+    counts = {}
+    for checkpoint in args.checkpoints:
+        counts[str(checkpoint)] = {k: list(v) for k, v in collapsed_filters(load_trained(checkpoint).model).items()}
+        print(f"{checkpoint}: " + ", ".join(f"{k} {c} of {n}" for k, (c, n) in counts[str(checkpoint)].items())
+              + f" filters with an L2 norm below {COLLAPSE_NORM}")
+    if args.json:
+        write_json(args.json, counts)
+
+
 def run_gifs(args) -> None:
     from labcnn.animations import attach_gifs, make_gifs
 
@@ -194,7 +212,8 @@ def run_bench(args) -> None:
     bench.report(result)
 
 
-COMMANDS = {"train": run_train, "evaluate": run_evaluate, "summary": run_summary, "gifs": run_gifs, "bench": run_bench}
+COMMANDS = {"train": run_train, "evaluate": run_evaluate, "summary": run_summary, "filters": run_filters, "gifs": run_gifs,
+            "bench": run_bench}
 
 
 def show_warning(message, category, filename, lineno, file=None, line=None) -> None:

@@ -11,7 +11,7 @@
    with the ten classes, decoded once and cached beside the tree (:mod:`labcnn.image_tree`);
 
 or, when none is found and ``download=True``, downloads the archive (torchvision's official URL,
-or a mirror's).
+or a mirror's; :mod:`labcnn.cifar_download`).
 
 The search rule, the same for every layout: the searched folders are ``root`` itself and its
 visible subfolders, one level below (sorted by name; hidden folders and litter such as
@@ -35,8 +35,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from labcnn import cifar_files
-from labcnn.cifar_files import ARCHIVE, BATCHES_DIR, CLASSES, URL, extract, holds_batches, read_batches
+from labcnn import cifar_download
+from labcnn.cifar_download import URL
+from labcnn.cifar_files import ARCHIVE, BATCHES_DIR, CLASSES, extract, holds_batches, read_batches
 from labcnn.errors import DataError
 from labcnn.image_tree import is_ignored, read_image_tree
 
@@ -80,7 +81,7 @@ def load_cifar10(root, train: bool = True, download: bool = False, verify: bool 
                 raise DataError(f"found CIFAR-10 at {deeper}, one level deeper than searched: pass --data-dir {deeper}")
             if not download:
                 raise DataError(not_found_message(root, url))
-            kind, path = "batches", cifar_files.download(root, url, verify)
+            kind, path = "batches", cifar_download.download(root, url, verify)
         if kind == "archive":
             kind, path = "batches", extract(path, verify)
         if kind == "batches":

@@ -142,7 +142,7 @@ def to_rgb(image: Image.Image) -> np.ndarray:
         return np.repeat(gray[:, :, None], 3, axis=2)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "Palette images with Transparency...": dropped on purpose
-        return np.asarray(image.convert("RGB"))
+        return np.array(image.convert("RGB"))  # a writable copy, as torch.from_numpy wants
 
 
 def write_cache(cache: Path, tensors: dict) -> None:

@@ -65,7 +65,8 @@ def count_parameters(model: nn.Module) -> int:
 def summary(model: nn.Module, depth: int = 2):
     """The per-layer table of ``model`` for one ``[1, 3, 32, 32]`` input, built on torchinfo.
 
-    Returns torchinfo's ``ModelStatistics`` (its ``str`` is the table). The model stays on its
+    Returns torchinfo's ``ModelStatistics`` (its ``str`` is the table, ending with the parameter
+    count, the exact number of multiply-adds and the memory in MB of 1e6 bytes). The model stays on its
     device and in its train/eval mode: torchinfo is run on a CPU copy, since
     ``torchinfo.summary`` moves the model to CUDA when one is available and switches it to eval.
     """
@@ -74,7 +75,7 @@ def summary(model: nn.Module, depth: int = 2):
     import torchinfo
 
     copy_on_cpu = copy.deepcopy(model).to("cpu", memory_format=torch.contiguous_format)
-    return torchinfo.summary(
+    stats = torchinfo.summary(
         copy_on_cpu,
         input_size=INPUT_SIZE,
         device="cpu",
@@ -83,6 +84,9 @@ def summary(model: nn.Module, depth: int = 2):
         row_settings=("var_names",),
         verbose=0,
     )
+    # torchinfo 1.8.0 on Python 3.11+ labels scaled mult-adds "(Units.MEGABYTES)"; print the exact count.
+    stats.formatting.macs_units = torchinfo.Units.NONE
+    return stats
 
 
 # A filter whose weights' L2 norm is below this is counted as collapsed: it outputs (almost) a

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from labcnn.checkpoint import CHECKPOINT, Trained, checkpoint_state, open_run, resume, save_run
-from labcnn.config import RECIPES, TrainConfig, applied_settings, make_config  # noqa: F401 (public here too)
+from labcnn.config import TrainConfig
 from labcnn.device import amp_dtype, describe_device, grad_scaler, select_device, show_progress
 from labcnn.errors import TrainingDiverged
 from labcnn.evaluate import evaluate

@@ -4,10 +4,12 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import warnings
+import threading
+from contextlib import contextmanager
+from functools import partial
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-from labcnn.data import load_cifar10
 from labcnn.train import TIME_FIELDS
 
 REPO = Path(__file__).resolve().parents[1]
@@ -25,14 +27,45 @@ def without_times(history: list[dict]) -> list[dict]:
     return [{k: v for k, v in r.items() if k not in TIME_FIELDS} for r in history]
 
 
-def load(root, train=True, verify=False):
-    """``load_cifar10`` with the ``verify=False`` warning silenced."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return load_cifar10(root, train=train, verify=verify)
-
-
 def run_cli(*args, env=None, cwd=None, timeout=300) -> subprocess.CompletedProcess:
     """``python -m labcnn ARGS`` in a subprocess, with text output captured."""
     return subprocess.run([sys.executable, "-m", "labcnn", *map(str, args)], capture_output=True, text=True,
                           env={**ENV, **(env or {})}, cwd=cwd, timeout=timeout)
+
+
+def without_root_override(command: list[str]) -> list[str]:
+    """``command``, run so that permission bits apply: as is for a normal user; for root (as in
+    CI), under util-linux ``setpriv`` with CAP_DAC_OVERRIDE and CAP_DAC_READ_SEARCH dropped.
+    Skips the test where that is not possible."""
+    import shutil
+
+    import pytest
+
+    if os.geteuid() != 0:
+        return command
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        pytest.skip("running as root, which ignores permission bits, and util-linux setpriv (to drop that) is missing")
+    drop = [setpriv, "--inh-caps=-dac_override,-dac_read_search", "--bounding-set=-dac_override,-dac_read_search"]
+    probe = subprocess.run([*drop, "true"], capture_output=True, text=True)
+    if probe.returncode != 0:
+        pytest.skip(f"setpriv cannot drop root's permission override here: {probe.stderr.strip()}")
+    return [*drop, *command]
+
+
+class QuietHandler(SimpleHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+
+@contextmanager
+def serve(folder: Path):
+    """An HTTP server for ``folder`` on 127.0.0.1 (a free port), in a thread; yields its URL."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), partial(QuietHandler, directory=str(folder)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()

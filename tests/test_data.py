@@ -11,7 +11,6 @@ from synthetic import load, make_dataset, make_images, tiny_batches, write_archi
 from labcnn.cli import main
 from labcnn.data import CLASSES, load_cifar10
 from labcnn.errors import DataError
-from labcnn.transforms import LAB_NORMALIZATION, Normalization, channel_stats, subset
 
 
 def put_layout(folder, layout):
@@ -137,10 +136,6 @@ def test_tilde_and_relative_paths_expand(tmp_path, monkeypatch, layout):
 # ---------------------------------------------------------------- the command line on bad data
 
 
-def remove_tree(path):
-    shutil.rmtree(path)
-
-
 def cli_bad_batches(root):
     (tiny_batches(root) / "test_batch").write_bytes(b"")
 
@@ -152,7 +147,7 @@ def cli_bad_archive(root):
 
 def cli_bad_tree(root):
     write_tree(root, make_images(1), make_images(1, seed=1))
-    remove_tree(root / "train" / "horse")
+    shutil.rmtree(root / "train" / "horse")
 
 
 @pytest.mark.parametrize("make_bad, message", [
@@ -174,22 +169,3 @@ def test_cli_data_errors_are_one_line(tmp_path, capsys, make_bad, message):
 
 
 # ---------------------------------------------------------------- after loading (labcnn.transforms)
-
-
-def test_channel_stats_and_normalization():
-    images = torch.stack([torch.full((3, 2, 2), 0, dtype=torch.uint8), torch.full((3, 2, 2), 255, dtype=torch.uint8)])
-    mean, std = channel_stats(images)
-    assert mean == pytest.approx((0.5,) * 3) and std == pytest.approx((0.5,) * 3)
-    assert Normalization.measure(images) == Normalization((0.5,) * 3, (0.5,) * 3)
-    x = LAB_NORMALIZATION(images)
-    assert x.dtype == torch.float32
-    assert x[1, 0, 0, 0].item() == pytest.approx((1 - LAB_NORMALIZATION.mean[0]) / LAB_NORMALIZATION.std[0])
-
-
-def test_subset_is_seeded_and_checked():
-    images, labels = make_images(3)
-    a = subset(images, labels, 10, seed=1)
-    b = subset(images, labels, 10, seed=1)
-    assert torch.equal(a[1], b[1]) and len(a[1]) == 10
-    with pytest.raises(ValueError, match="between 1 and 30"):
-        subset(images, labels, 31)

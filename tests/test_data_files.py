@@ -235,3 +235,15 @@ def test_leftover_of_a_killed_extraction_is_ignored(tmp_path):
     images, labels = load(tmp_path)
     assert torch.equal(images, train[0]) and torch.equal(labels, train[1])
     assert (archive.parent / "cifar-10-batches-py" / "test_batch").is_file()
+
+
+def test_a_folder_in_the_way_of_the_extraction_is_named(tmp_path):
+    archive = write_archive(tmp_path, make_images(1), make_images(1, seed=1))
+    (tmp_path / "cifar-10-batches-py").mkdir()
+    (tmp_path / "cifar-10-batches-py" / "notes.txt").write_text("not a batch file")
+    with pytest.raises(DataError, match=re.escape(
+            f"cannot extract {archive}: {tmp_path / 'cifar-10-batches-py'} is in the way (a folder without batch files); move or delete it")):
+        load(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cifar-10-batches-py", "cifar-10-python.tar.gz"]
+    (tmp_path / "cifar-10-batches-py" / "notes.txt").unlink()  # an empty folder is replaced
+    load(tmp_path)

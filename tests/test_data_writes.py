@@ -5,7 +5,6 @@ nothing, so the child runs without root's override (util-linux ``setpriv``).
 """
 import hashlib
 import json
-import os
 import re
 import shutil
 import socket
@@ -13,52 +12,52 @@ import stat
 import subprocess
 import sys
 import tarfile
-import threading
 from contextlib import contextmanager
-from functools import partial
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+from helpers import ENV, serve, without_root_override
 from synthetic import load, make_dataset
 from torchvision.datasets import CIFAR10
 
-from labcnn import cifar_files
+from labcnn import cifar_download
 from labcnn.errors import DataError
 
-REPO = Path(__file__).resolve().parents[1]
-ENV = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "NO_PROXY": "127.0.0.1", "no_proxy": "127.0.0.1"}
+ENV = {**ENV, "NO_PROXY": "127.0.0.1", "no_proxy": "127.0.0.1"}  # the local test server, never a proxy
 
-# A child process: waits for the file GO (if given), loads the training split, prints JSON.
+# A child process: waits for the file GO (if given), loads the training split TIMES times,
+# printing one JSON line each time.
 # HOLD seconds of sleep inside the staging folder (extraction, download) and before the cache
 # write, so that two children started together are inside them at the same time.
 CHILD = r"""
 import hashlib, json, sys, time, warnings
 from pathlib import Path
 import torch
+import labcnn.cifar_download as download
 import labcnn.cifar_files as files
 from labcnn.data import load_cifar10
 from labcnn.errors import LabcnnError
 
-root, url, go, hold = sys.argv[1], sys.argv[2] or None, sys.argv[3], float(sys.argv[4])
+root, url, go, hold, times = sys.argv[1], sys.argv[2] or None, sys.argv[3], float(sys.argv[4]), int(sys.argv[5])
 if hold:
     unpack, save = files.unpack, torch.save
-    files.unpack = lambda *a, **k: (unpack(*a, **k), time.sleep(hold))[0]
+    files.unpack = download.unpack = lambda *a, **k: (unpack(*a, **k), time.sleep(hold))[0]
     torch.save = lambda *a, **k: (time.sleep(hold), save(*a, **k))[1]
 print("ready", flush=True)
 while go and not Path(go).exists():
     time.sleep(0.01)
-result = {"start": time.time()}
-with warnings.catch_warnings(record=True) as caught:
-    warnings.simplefilter("always")
-    try:
-        images, labels = load_cifar10(root, download=bool(url), verify=False, url=url)
-        result["sha"] = hashlib.sha256(images.numpy().tobytes() + labels.numpy().tobytes()).hexdigest()
-    except LabcnnError as e:
-        result["error"] = f"{type(e).__name__}: {e}"
-result["end"] = time.time()
-result["warnings"] = [str(w.message) for w in caught if "verify=False" not in str(w.message)]
-print(json.dumps(result))
+for _ in range(times):
+    result = {"start": time.time()}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            images, labels = load_cifar10(root, download=bool(url), verify=False, url=url)
+            result["sha"] = hashlib.sha256(images.numpy().tobytes() + labels.numpy().tobytes()).hexdigest()
+        except LabcnnError as e:
+            result["error"] = f"{type(e).__name__}: {e}"
+    result["end"] = time.time()
+    result["warnings"] = [str(w.message) for w in caught if "verify=False" not in str(w.message)]
+    print(json.dumps(result), flush=True)
 """
 
 
@@ -67,36 +66,22 @@ def sha(data):
     return hashlib.sha256(images.numpy().tobytes() + labels.numpy().tobytes()).hexdigest()
 
 
-def without_root_override(command: list[str]) -> list[str]:
-    """``command``, run so that permission bits apply: as is for a normal user; for root, under
-    ``setpriv`` with CAP_DAC_OVERRIDE and CAP_DAC_READ_SEARCH dropped. Skips the test where that
-    is not possible."""
-    if os.geteuid() != 0:
-        return command
-    setpriv = shutil.which("setpriv")
-    if setpriv is None:
-        pytest.skip("running as root, which ignores permission bits, and util-linux setpriv (to drop that) is missing")
-    drop = [setpriv, "--inh-caps=-dac_override,-dac_read_search", "--bounding-set=-dac_override,-dac_read_search"]
-    probe = subprocess.run([*drop, "true"], capture_output=True, text=True)
-    if probe.returncode != 0:
-        pytest.skip(f"setpriv cannot drop root's permission override here: {probe.stderr.strip()}")
-    return [*drop, *command]
-
-
-def start_child(root, url="", go="", hold=0.0, unprivileged=False) -> subprocess.Popen:
-    command = [sys.executable, "-c", CHILD, str(root), url, str(go), str(hold)]
+def start_child(root, url="", go="", hold=0.0, times=1, unprivileged=False) -> subprocess.Popen:
+    command = [sys.executable, "-c", CHILD, str(root), url, str(go), str(hold), str(times)]
     command = without_root_override(command) if unprivileged else command
     return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
 
 
-def finish(child: subprocess.Popen) -> dict:
+def finish(child: subprocess.Popen) -> list[dict]:
+    """The child's results, one per load."""
     out, err = child.communicate(timeout=300)
     assert child.returncode == 0, err
-    return json.loads(out.splitlines()[-1])
+    return [json.loads(line) for line in out.splitlines() if line.startswith("{")]
 
 
 def run_child(root, **kwargs) -> dict:
-    return finish(start_child(root, **kwargs))
+    """The result of the child's last load."""
+    return finish(start_child(root, **kwargs))[-1]
 
 
 @contextmanager
@@ -110,24 +95,6 @@ def read_only(folder: Path):
     finally:
         for p in paths:
             p.chmod(p.stat().st_mode | stat.S_IWUSR)
-
-
-class QuietHandler(SimpleHTTPRequestHandler):
-    def log_message(self, *args):
-        pass
-
-
-@contextmanager
-def serve(folder: Path):
-    """An HTTP server for ``folder`` on 127.0.0.1 (a free port), in a thread; yields its URL."""
-    server = ThreadingHTTPServer(("127.0.0.1", 0), partial(QuietHandler, directory=str(folder)))
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 def closed_port() -> int:
@@ -147,8 +114,7 @@ def test_read_only_image_tree_loads_with_a_warning_every_time(tmp_path):
     root = tmp_path / "input"
     train, _ = make_dataset(root, "tree", train_per_class=2, test_per_class=1)
     with read_only(root):
-        for _ in range(2):  # no cache was written: the next load decodes again
-            result = run_child(root, unprivileged=True)
+        for result in finish(start_child(root, times=2, unprivileged=True)):  # no cache: decoded twice
             assert result.get("sha") == sha(train), result
             [warning] = result["warnings"]
             assert re.fullmatch(rf"could not write the decode cache {root}/\.labcnn-train-\w+\.pt \(Permission denied\); "
@@ -173,7 +139,7 @@ def test_read_only_archive_says_how_to_extract_it_elsewhere(tmp_path):
     else:
         with tarfile.open(archive) as tar:
             tar.extractall(elsewhere, filter="data")
-    assert run_child(elsewhere).get("sha") == sha(train)
+    assert sha(load(elsewhere)) == sha(train)
 
 
 @pytest.mark.parametrize("existing", [True, False], ids=["root exists", "root to create"])
@@ -209,7 +175,7 @@ def test_two_processes_preparing_one_folder_both_succeed(tmp_path, task):
         for child in children:
             assert child.stdout.readline() == "ready\n"
         go.touch()  # both start loading now
-        results = [finish(child) for child in children]
+        results = [finish(child)[0] for child in children]
     assert [r.get("sha") for r in results] == [sha(train)] * 2, results
     assert max(r["start"] for r in results) < min(r["end"] for r in results)  # they overlapped
     expected = {
@@ -218,7 +184,7 @@ def test_two_processes_preparing_one_folder_both_succeed(tmp_path, task):
         "download": ["cifar-10-batches-py"],
     }[task]
     assert [re.sub(r"(\.labcnn-train-).*", r"\1", name) for name in entries(root)] == expected  # no temp files left
-    assert run_child(root)["sha"] == sha(train)  # what they left loads
+    assert sha(load(root)) == sha(train)  # what they left loads
 
 
 # ---------------------------------------------------------------- downloads
@@ -266,11 +232,11 @@ def test_unreachable_download_is_one_clear_line(tmp_path, where):
         url = f"http://127.0.0.1:{closed_port()}/c.tgz" if where == "closed port" else f"{live}/no-such.tgz"
         with pytest.raises(DataError) as info:
             load(root, download=True, url=url)
-    message = str(info.value)
-    error = "URLError: <urlopen error [Errno 111] Connection refused>" if where == "closed port" else "HTTPError: HTTP Error 404: File not found"
-    assert message == (
-        f"could not download CIFAR-10 from {url} into {root} ({error}). Without internet, copy "
-        f"cifar-10-python.tar.gz, cifar-10-batches-py/ or an image tree train/<class>/, test/<class>/ into {root}.")
+    error = r"URLError: <urlopen error \[Errno \d+\] Connection refused>" if where == "closed port" else "HTTPError: HTTP Error 404: File not found"
+    assert re.fullmatch(
+        re.escape(f"could not download CIFAR-10 from {url} into {root} (") + error + re.escape(
+            f"). Without internet, copy cifar-10-python.tar.gz, cifar-10-batches-py/ or an image tree train/<class>/, "
+            f"test/<class>/ into {root}."), str(info.value)), str(info.value)
     assert entries(root) == []
 
 
@@ -281,7 +247,7 @@ def test_download_defaults_to_torchvisions_url(tmp_path, monkeypatch):
         asked.append(url)
         raise OSError("network is unreachable")
 
-    monkeypatch.setattr(cifar_files, "download_url", offline)
+    monkeypatch.setattr(cifar_download, "download_url", offline)
     with pytest.raises(DataError, match=f"could not download CIFAR-10 from {re.escape(CIFAR10.url)} into {tmp_path} "):
         load(tmp_path, download=True)
     assert asked == [CIFAR10.url] and entries(tmp_path) == []

@@ -1,7 +1,7 @@
 """Every figure in the README's results and in the notebook's text matches the committed runs.
 
 ``results/<run>.json`` holds each reported run's per-epoch history (copied from its run folder);
-the figures are re-derived from it with :func:`labcnn.report.headline`, so a stale number fails.
+the figures are re-derived from it with :func:`labcnn.analysis.headline`, so a stale number fails.
 """
 import json
 import re
@@ -9,16 +9,16 @@ from pathlib import Path
 
 import pytest
 
-from labcnn import report
+from labcnn import analysis
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = sorted((REPO / "results").glob("*.json"))
-ORIGINAL_REPORT = f"{report.ORIGINAL_ACCURACY:.2%}"  # the original lab report's claim, quoted for comparison
+ORIGINAL_REPORT = f"{analysis.ORIGINAL_ACCURACY:.2%}"  # the original lab report's claim, quoted for comparison
 PERCENT = re.compile(r"\b\d{1,3}\.\d\d%")
 
 
 def figures(path) -> dict:
-    return report.headline(json.loads(path.read_text()))
+    return analysis.headline(json.loads(path.read_text()))
 
 
 def allowed() -> set:
