@@ -154,7 +154,11 @@ def load_checkpoint(path) -> dict:
     Raises:
         CheckpointError: as :func:`read_file`; or not a labcnn checkpoint, or lacking a key above.
     """
-    state = read_file(path)
+    return checked(path, read_file(path))
+
+
+def checked(path, state) -> dict:
+    """``state`` if it is a complete labcnn checkpoint, else :class:`CheckpointError` naming ``path``."""
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path} is not a labcnn checkpoint (expected format {CHECKPOINT_FORMAT!r}): {describe(state)}")
     missing = [k for k in CHECKPOINT_KEYS if k not in state]
@@ -217,18 +221,19 @@ def load_trained(path, device="cpu", normalization: Normalization | None = None)
     path = Path(path).expanduser()
     state = read_file(path)
     if isinstance(state, dict) and state.get("format") == CHECKPOINT_FORMAT:
-        state = load_checkpoint(path)
-        trained = Trained(LabCNN(), Normalization(**state["normalization"]), saved_config(path, state), state["history"],
-                          note=f"normalization: the checkpoint's (mean {fmt(state['normalization']['mean'])}, std {fmt(state['normalization']['std'])})")
-        weights = state["model"]
+        state = checked(path, state)
+        trained = Trained(LabCNN(), Normalization(**state["normalization"]), saved_config(path, state), state["history"])
+        weights, source = state["model"], "normalization: the checkpoint's"
     else:
         weights = bare_state_dict(path, state)
-        trained = Trained(LabCNN(), LAB_NORMALIZATION, note=f"{path} is a bare state dict: normalization is the lab's "
-                          f"(mean {fmt(LAB_NORMALIZATION.mean)}, std {fmt(LAB_NORMALIZATION.std)}); --mean/--std choose others")
-    load_weights(path, trained.model, weights)
+        trained, source = Trained(LabCNN(), LAB_NORMALIZATION), f"{path} is a bare state dict: normalization is the lab's"
     if normalization is not None:
-        trained.normalization = normalization
-        trained.note = f"normalization: as given (mean {fmt(normalization.mean)}, std {fmt(normalization.std)})"
+        trained.normalization, source = normalization, "normalization: as given"
+    load_weights(path, trained.model, weights)
+    n = trained.normalization
+    trained.note = f"{source} (mean {fmt(n.mean)}, std {fmt(n.std)})"
+    if trained.config is None and normalization is None:
+        trained.note += "; --mean and --std choose others"
     trained.model.to(device, memory_format=torch.channels_last).eval()
     return trained
 

@@ -132,7 +132,7 @@ def fit(config: TrainConfig, train_data, test_data, run_dir=None, device=None, l
     (images, labels), val, normalization = prepare(config, train_data)
     dtype = amp_dtype(device, config.amp)
     with open_run(run_dir) as folder:
-        log(f"device: {describe_device(device)}" + (f", {dtype} autocast" if dtype is not None else ""))
+        log(f"device: {describe_device(device)}{amp_note(config.amp, dtype)}")
         model = LabCNN().to(device, memory_format=torch.channels_last)
         optimizer = make_optimizer(config, model)
         scheduler = make_scheduler(config, optimizer, math.ceil(len(labels) / config.batch_size))
@@ -185,6 +185,13 @@ def run_epoch(trained: Trained, step_model, optimizer, scheduler, scaler, train,
     elapsed = (trained.history[-1]["elapsed_train_seconds"] if trained.history else 0.0) + train_seconds
     record.update(lr=lr, seconds=time.perf_counter() - start, elapsed_train_seconds=elapsed)
     return record
+
+
+def amp_note(amp: str, dtype) -> str:
+    """The device line's word on mixed precision: nothing when it is off as asked."""
+    if dtype is not None:
+        return f", mixed precision {str(dtype).replace('torch.', '')}"
+    return "" if amp == "off" else f", mixed precision off (--amp {amp}: this device has no native bfloat16; float32 is used)"
 
 
 def kept_checkpoint(folder, epochs_done: int) -> str:

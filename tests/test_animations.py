@@ -11,6 +11,7 @@ from PIL import Image
 
 from labcnn import animations as A
 from labcnn import model as M
+from labcnn.arithmetic import output_size
 
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOK = REPO / "notebooks" / "lab1_cnn_cifar10.ipynb"
@@ -56,7 +57,7 @@ def test_examples_are_small_integers():
 
 def test_conv_steps_match_conv2d():
     expected = F.conv2d(A.CONV_INPUT[None, None], A.CONV_KERNEL[None, None], stride=1, padding=1)[0, 0]
-    side = A.output_size(4, 2, stride=1, padding=1)
+    side = output_size(4, 2, stride=1, padding=1)
     assert side == 5 and expected.shape == A.conv_output().shape == (side, side)
     assert torch.equal(A.conv_output(), expected)
     steps = A.conv_steps()
@@ -71,7 +72,7 @@ def test_conv_steps_match_conv2d():
 
 def test_pool_steps_match_max_pool2d_and_floor():
     expected = F.max_pool2d(A.POOL_INPUT[None, None], 2)[0, 0]
-    side = A.output_size(5, 2, stride=2)
+    side = output_size(5, 2, stride=2)
     assert side == 2 and expected.shape == A.pool_output().shape == (side, side)
     assert torch.equal(A.pool_output(), expected)
     steps = A.pool_steps()

@@ -167,7 +167,7 @@ def start_train(root, out, epochs, **popen):
     command = [sys.executable, "-m", "labcnn", "train", "--data-dir", str(root), "--out", str(out), "--epochs", str(epochs),
                "--subset", "160", "--batch-size", "8", "--lr", "0.002", "--seed", "3", "--device", "cpu"]
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=popen.pop("stderr", subprocess.STDOUT), text=True, env=ENV)
-    watchdog = threading.Timer(180, proc.kill)  # a hung run fails the test instead of blocking it
+    watchdog = threading.Timer(600, proc.kill)  # a hung run fails the test instead of blocking it
     watchdog.daemon = True
     watchdog.start()
     return proc
@@ -193,7 +193,7 @@ def test_killed_training_resumes_exactly(tmp_path):
     """SIGKILL a real training run at 4 seeded random moments, resume, compare with an uninterrupted run."""
     root = tmp_path / "data"
     make_dataset(root, "tree")
-    epochs, rng = 16, random.Random(3)
+    epochs, rng = 12, random.Random(3)
     reference = start_train(root, tmp_path / "reference", epochs)  # runs alongside the killed ones
     out, snapshots, epoch_seconds = tmp_path / "killed", [], None
     for kill in range(4):
@@ -201,7 +201,7 @@ def test_killed_training_resumes_exactly(tmp_path):
         proc = start_train(root, out, epochs)
         times = wait_for_epoch_lines(proc, done, 1 if epoch_seconds else 2)
         epoch_seconds = epoch_seconds or times[1] - times[0]
-        time.sleep(rng.uniform(0, 1.2) * epoch_seconds)  # in training, evaluation or the writes
+        time.sleep(rng.uniform(0, 0.8) * epoch_seconds)  # in training, evaluation or the writes
         proc.kill()
         proc.wait()
         state = load_checkpoint(out / "checkpoint.pt")  # always a complete checkpoint...
@@ -211,10 +211,10 @@ def test_killed_training_resumes_exactly(tmp_path):
         snapshots.append(state["history"])
     done = len(snapshots[-1])
     proc = start_train(root, out, epochs)  # the killed runs' locks died with them
-    printed, _ = proc.communicate(timeout=180)
+    printed, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0, printed
     assert f"resuming: {done} of {epochs} epochs restored from {out / 'checkpoint.pt'}\nepoch {done + 1}/{epochs}  train loss" in printed
-    printed_reference, _ = reference.communicate(timeout=180)
+    printed_reference, _ = reference.communicate(timeout=600)
     assert reference.returncode == 0, printed_reference
     expected = json.loads((tmp_path / "reference" / "history.json").read_text())
     resumed = json.loads((out / "history.json").read_text())
