@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from labcnn.analysis import format_minutes
 from labcnn.checkpoint import CHECKPOINT, Trained, checkpoint_state, open_run, resume, save_run
 from labcnn.config import TrainConfig
 from labcnn.device import amp_dtype, describe_device, grad_scaler, select_device, show_progress
@@ -214,10 +215,8 @@ def format_epoch(record: dict, epochs: int, eta: float | None = None) -> str:
 
 
 def format_duration(seconds: float) -> str:
-    """``"41 min 12 s"``, ``"2 h 05 min"`` or ``"37 s"``."""
+    """``"2 h 05 min"``, ``"41 min 12 s"`` or ``"37 s"``."""
     seconds = round(seconds)
     if seconds >= 3600:
         return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
-    if seconds >= 60:
-        return f"{seconds // 60} min {seconds % 60} s"
-    return f"{seconds} s"
+    return format_minutes(seconds) if seconds >= 60 else f"{seconds} s"
