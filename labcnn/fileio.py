@@ -57,7 +57,8 @@ def atomic_write(path, write) -> None:
     except OSError as e:
         raise WriteError(path, reason(e)) from None
     try:
-        os.fchmod(fd, FILE_MODE) if hasattr(os, "fchmod") else None
+        if hasattr(os, "fchmod"):  # not on Windows, where the mode does not apply
+            os.fchmod(fd, FILE_MODE)
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
