@@ -21,6 +21,13 @@ def first_reaching(history: list[dict], accuracy: float) -> dict | None:
     return next((r for r in history if r["test_acc"] >= accuracy), None)
 
 
+def seconds_to(history: list[dict], accuracy: float) -> float | None:
+    """Training seconds (``elapsed_train_seconds``, evaluation excluded) at the end of the first
+    epoch whose test accuracy is at least ``accuracy`` (a fraction); ``None`` if none reached it."""
+    reached = first_reaching(history, accuracy)
+    return reached["elapsed_train_seconds"] if reached else None
+
+
 def format_minutes(seconds: float) -> str:
     """``"41 min 12 s"``."""
     seconds = round(seconds)

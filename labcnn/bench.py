@@ -14,6 +14,11 @@ same images, so they do identical work; only the way batches reach the model dif
     batches: the limit for any input pipeline.
 (d) ``compile`` (``--compile``): (b) with ``torch.compile(model)``, as ``fit`` does when
     ``TrainConfig.compile`` is set.
+(b16), (c16) ``labcnn_bf16`` and ``ceiling_bf16``: (b) and (c) under bfloat16 autocast
+    (``torch.autocast``; the loss in float32), only where the device computes bfloat16 natively
+    (:func:`labcnn.device.native_bf16`: AVX512-BF16 or AMX CPUs, Ampere and newer GPUs).
+    Elsewhere bfloat16 is emulated, slower than float32, and the result says why they are absent.
+    Each path is compared with the ceiling of its own precision.
 
 All contenders are warmed up first, then timed in alternating rounds (a, b, c, a, b, c, ...),
 each round a fixed number of images per contender, with ``time.perf_counter`` (and
@@ -38,7 +43,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
 from labcnn.config import TrainConfig, make_config
-from labcnn.device import describe_device, grad_scaler
+from labcnn.device import bf16_absence, describe_device, grad_scaler, native_bf16
 from labcnn.errors import ConfigError
 from labcnn.model import LabCNN
 from labcnn.train import make_optimizer, train_one_epoch
@@ -46,7 +51,8 @@ from labcnn.transforms import LAB_MEAN, LAB_STD, Normalization, epoch_generator,
 
 EPOCH_IMAGES = 50_000  # one pass over the CIFAR-10 training split
 WARMUP_STEPS = 5  # untimed training steps per contender before the rounds
-NAMES = {"baseline": "(a) baseline", "labcnn": "(b) labcnn", "ceiling": "(c) ceiling", "compile": "(d) labcnn+compile"}
+NAMES = {"baseline": "(a) baseline", "labcnn": "(b) labcnn", "ceiling": "(c) ceiling", "compile": "(d) labcnn+compile",
+         "labcnn_bf16": "(b16) labcnn bf16", "ceiling_bf16": "(c16) ceiling bf16"}
 
 
 def random_data(n: int = 10_000, seed: int = 0):
@@ -124,14 +130,15 @@ def baseline_contender(images, labels, config: TrainConfig, device, seed: int):
     return train
 
 
-def labcnn_contender(images, labels, config: TrainConfig, device, seed: int, compile: bool = False):
+def labcnn_contender(images, labels, config: TrainConfig, device, seed: int, compile: bool = False, dtype=None):
     """(b) ``train_one_epoch`` on device-resident uint8 tensors, as ``fit`` runs it; (d) with
-    ``torch.compile`` when ``compile``. Returns ``train(n)``: whole passes over the data, then
-    one pass over its first ``n % len(labels)`` images; returns the number trained on."""
+    ``torch.compile`` when ``compile``; (b16) with ``dtype=torch.bfloat16`` autocast. Returns
+    ``train(n)``: whole passes over the data, then one pass over its first ``n % len(labels)``
+    images; returns the number trained on."""
     model, optimizer = fresh_model(config, device, torch.channels_last, seed)
     step_model = torch.compile(model) if compile else model
     normalization = Normalization(config.mean, config.std)
-    scaler = grad_scaler(device, None)
+    scaler = grad_scaler(device, dtype)
     images, labels = images.to(device), labels.to(device)
     epochs = itertools.count(1)
 
@@ -140,16 +147,16 @@ def labcnn_contender(images, labels, config: TrainConfig, device, seed: int, com
         for size in filter(None, sizes):
             generator = epoch_generator(config.seed, next(epochs))
             batches = training_batches(images[:size], labels[:size], config.batch_size, generator, normalization)
-            train_one_epoch(step_model, optimizer, None, scaler, batches, math.ceil(size / config.batch_size))
+            train_one_epoch(step_model, optimizer, None, scaler, batches, math.ceil(size / config.batch_size), dtype=dtype)
         return n
 
     return train
 
 
-def ceiling_contender(images, labels, config: TrainConfig, device, seed: int, staged: int):
+def ceiling_contender(images, labels, config: TrainConfig, device, seed: int, staged: int, dtype=None):
     """(c) The model step alone, cycling over ``staged`` images pre-staged on ``device`` as
-    normalized float32 channels_last batches. Returns ``train(n)`` (``n`` rounded up to whole
-    batches); returns the number trained on."""
+    normalized float32 channels_last batches; (c16) under ``dtype`` autocast. Returns
+    ``train(n)`` (``n`` rounded up to whole batches); returns the number trained on."""
     model, optimizer = fresh_model(config, device, torch.channels_last, seed)
     normalization = Normalization(config.mean, config.std)
     order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))[:staged]
@@ -164,7 +171,9 @@ def ceiling_contender(images, labels, config: TrainConfig, device, seed: int, st
         done = 0
         while done < n:
             x, y = next(stream)
-            loss = F.cross_entropy(model(x), y)
+            with torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+                logits = model(x)
+            loss = F.cross_entropy(logits.float(), y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -183,7 +192,7 @@ def throughput(train, n: int, device) -> float:
     return done / (time.perf_counter() - start)
 
 
-def make_contenders(images, labels, config, device, seed, staged, compile, log):
+def make_contenders(images, labels, config, device, seed, staged, compile, bf16, log):
     """``({name: train}, {name: warm-up seconds})`` for the contenders, each warmed up and logged.
 
     A failing ``torch.compile`` contender is left out, with a log line saying why.
@@ -193,6 +202,9 @@ def make_contenders(images, labels, config, device, seed, staged, compile, log):
         "labcnn": lambda: labcnn_contender(images, labels, config, device, seed),
         "ceiling": lambda: ceiling_contender(images, labels, config, device, seed, staged),
     }
+    if bf16:
+        builders["labcnn_bf16"] = lambda: labcnn_contender(images, labels, config, device, seed, dtype=torch.bfloat16)
+        builders["ceiling_bf16"] = lambda: ceiling_contender(images, labels, config, device, seed, staged, dtype=torch.bfloat16)
     if compile:
         builders["compile"] = lambda: labcnn_contender(images, labels, config, device, seed, compile=True)
     contenders, warm = {}, {}
@@ -215,7 +227,7 @@ def make_contenders(images, labels, config, device, seed, staged, compile, log):
 
 
 def run(images, labels, device="cpu", images_per_round: int = 10_000, rounds: int = 5, batch_size: int = 100,
-        compile: bool = False, seed: int = 0, log=print) -> dict:
+        compile: bool = False, seed: int = 0, bf16: bool | None = None, log=print) -> dict:
     """Time every contender in ``rounds`` alternating rounds of ``images_per_round`` images each.
 
     Args:
@@ -223,6 +235,7 @@ def run(images, labels, device="cpu", images_per_round: int = 10_000, rounds: in
             whole batches. ``images_per_round`` is rounded up to whole batches.
         device: the training device; the baseline's dataset stays on the CPU, as a tutorial's does.
         compile: add contender (d), ``torch.compile``.
+        bf16: add the bfloat16 contenders; ``None``: where the device computes bfloat16 natively.
         log: receives the progress and report lines.
 
     Returns:
@@ -231,8 +244,13 @@ def run(images, labels, device="cpu", images_per_round: int = 10_000, rounds: in
         ``fraction_of_ceiling`` (labcnn / ceiling), ``device``, ``images_per_round``,
         ``rounds``, ``median_img_s`` and ``warmup_s`` (per contender), and with ``compile``
         ``compile_img_s`` and ``compile_vs_labcnn`` (``None`` if compilation failed).
+        ``fraction_of_fastest_ceiling``: the fastest labcnn path over the fastest ceiling. With
+        bfloat16, ``labcnn_bf16_img_s``, ``ceiling_bf16_img_s`` and ``fraction_of_ceiling_bf16``
+        (bf16 over bf16); without, ``bf16_absent``, the reason.
     """
     device = torch.device(device)
+    native = native_bf16(device)
+    bf16 = native if bf16 is None else bf16
     config = make_config("lab", batch_size=batch_size, seed=seed)
     n = len(labels) - len(labels) % batch_size
     if n == 0:
@@ -242,13 +260,17 @@ def run(images, labels, device="cpu", images_per_round: int = 10_000, rounds: in
     log(f"bench: LabCNN, Adam lr {config.lr} weight decay {config.weight_decay}, batch {batch_size}, "
         f"cross-entropy, {n} images, device {describe_device(device)}")
     log(f"{rounds} round(s) of {per_round} images per contender, contenders alternating; fastest round reported")
-    contenders, warm = make_contenders(images, labels, config, device, seed, min(per_round, n), compile, log)
+    contenders, warm = make_contenders(images, labels, config, device, seed, min(per_round, n), compile, bf16, log)
     speeds = {name: [] for name in contenders}
     for r in range(1, rounds + 1):
         for name, train in contenders.items():
             speeds[name].append(throughput(train, per_round, device))
         log(f"round {r}/{rounds}: " + "  ".join(f"{name} {s[-1]:.0f}" for name, s in speeds.items()) + " images/s")
     result = summarize(speeds, describe_device(device), per_round, rounds, compile)
+    if not bf16:
+        result["bf16_absent"] = bf16_absence(device)
+    elif not native:
+        result["bf16_emulated"] = True
     result["warmup_s"] = {name: round(seconds, 2) for name, seconds in warm.items()}
     return result
 
@@ -259,6 +281,11 @@ def summarize(speeds: dict, device: str, per_round: int, rounds: int, compile: b
     result = {f"{name}_img_s": best[name] for name in ("baseline", "labcnn", "ceiling")}
     result["speedup_vs_baseline"] = round(best["labcnn"] / best["baseline"], 4)
     result["fraction_of_ceiling"] = round(best["labcnn"] / best["ceiling"], 4)
+    if "labcnn_bf16" in best:
+        result.update(labcnn_bf16_img_s=best["labcnn_bf16"], ceiling_bf16_img_s=best["ceiling_bf16"],
+                      fraction_of_ceiling_bf16=round(best["labcnn_bf16"] / best["ceiling_bf16"], 4))
+    fastest = max(best[name] for name in ("labcnn", "labcnn_bf16") if name in best)
+    result["fraction_of_fastest_ceiling"] = round(fastest / max(best[name] for name in ("ceiling", "ceiling_bf16") if name in best), 4)
     if compile:
         result["compile_img_s"] = best.get("compile")
         result["compile_vs_labcnn"] = round(best["compile"] / best["labcnn"], 4) if "compile" in best else None
@@ -284,6 +311,11 @@ def report(result: dict, log=print) -> None:
         log(f"{NAMES[name]:<20} {speed:>10.0f} {median:>12.0f} {EPOCH_IMAGES / speed:>14.1f}")
     log(f"labcnn / baseline = {result['speedup_vs_baseline']:.2f}x (speedup over the tutorial pipeline)")
     log(f"labcnn / ceiling  = {result['fraction_of_ceiling']:.2f} (fraction of the model-step limit)")
+    if "fraction_of_ceiling_bf16" in result:
+        log(f"labcnn bf16 / ceiling bf16 = {result['fraction_of_ceiling_bf16']:.2f}; fastest path / fastest ceiling = "
+            f"{result['fraction_of_fastest_ceiling']:.2f}")
+    else:
+        log(f"no bfloat16 contenders: {result['bf16_absent']}")
     if result.get("compile_vs_labcnn") is not None:
         log(f"compile / labcnn  = {result['compile_vs_labcnn']:.2f}x (torch.compile's gain on labcnn's path)")
         log(compile_break_even(result))

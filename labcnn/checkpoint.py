@@ -94,10 +94,17 @@ def save_run(folder: Path, state: dict) -> None:
         plots.save(plots.plot_curves(state["history"], metric), folder / f"{metric}.png")
 
 
-def checkpoint_state(model, optimizer, scheduler, scaler, history, config, normalization) -> dict:
-    """The checkpoint dict of a run after ``len(history)`` epochs (plain values and tensors only)."""
+def checkpoint_state(model, optimizer, scheduler, scaler, history, config, normalization, ema=None) -> dict:
+    """The checkpoint dict of a run after ``len(history)`` epochs (plain values and tensors only).
+
+    ``model`` holds the weights evaluated: the moving average's when ``ema`` (an ``AveragedModel``)
+    is given; the trained weights are then under ``training_model``, and its step count under
+    ``ema_steps``, so a resumed run continues both.
+    """
+    extra = {} if ema is None else {"training_model": model.state_dict(), "ema_steps": int(ema.n_averaged)}
     return {
-        "model": model.state_dict(),
+        "model": (ema.module if ema is not None else model).state_dict(),
+        **extra,
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict() if scheduler is not None else None,
         "scaler": scaler.state_dict(),
@@ -108,7 +115,7 @@ def checkpoint_state(model, optimizer, scheduler, scaler, history, config, norma
     }
 
 
-def resume(folder, config: TrainConfig, model, optimizer, scheduler, scaler) -> list[dict]:
+def resume(folder, config: TrainConfig, model, optimizer, scheduler, scaler, ema=None) -> list[dict]:
     """Restore the run in ``folder`` into the given objects and return its history (or ``[]``).
 
     Raises:
@@ -125,7 +132,10 @@ def resume(folder, config: TrainConfig, model, optimizer, scheduler, scaler) -> 
             f"{path} was written with other settings: {changes}. "
             "Run with the checkpoint's settings to resume, or choose a new output folder."
         )
-    load_weights(path, model, state["model"])
+    load_weights(path, model, state.get("training_model", state["model"]))
+    if ema is not None:
+        load_weights(path, ema.module, state["model"])
+        ema.n_averaged.fill_(state["ema_steps"])
     optimizer.load_state_dict(state["optimizer"])
     if scheduler is not None:
         scheduler.load_state_dict(state["scheduler"])

@@ -124,6 +124,20 @@ def amp_dtype(device: torch.device, amp: str) -> torch.dtype | None:
     return None
 
 
+def native_bf16(device: torch.device) -> bool:
+    """Whether ``device`` computes bfloat16 natively: what ``--amp auto`` picks (:func:`amp_dtype`)."""
+    return amp_dtype(device, "auto") == torch.bfloat16
+
+
+def bf16_absence(device: torch.device) -> str:
+    """Why bfloat16 is not measured on ``device``, in one phrase."""
+    if device.type == "cpu":
+        return "this CPU has neither the avx512_bf16 nor the amx_bf16 flag, so bfloat16 would be emulated, slower than float32"
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)} has no native bfloat16 (before Ampere)"
+    return f"bfloat16 autocast is not measured on {device.type}"
+
+
 def grad_scaler(device: torch.device, dtype: torch.dtype | None) -> torch.amp.GradScaler:
     """``torch.amp.GradScaler``, enabled only for float16 (whose narrow range underflows small
     gradients; torch's AMP recipe). Disabled, its calls pass through unchanged."""

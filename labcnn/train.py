@@ -12,6 +12,7 @@ import time
 
 import torch
 import torch.nn.functional as F
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm.auto import tqdm
 
 from labcnn.analysis import format_minutes
@@ -47,12 +48,13 @@ def make_scheduler(config: TrainConfig, optimizer, steps_per_epoch: int):
 
 
 def train_one_epoch(model, optimizer, scheduler, scaler, batches, steps: int, label_smoothing: float = 0.0,
-                    dtype: torch.dtype | None = None, desc: str = "") -> tuple[float, float]:
+                    dtype: torch.dtype | None = None, desc: str = "", ema=None) -> tuple[float, float]:
     """One pass over ``batches``, ``steps`` pairs of normalized float32 ``[B, 3, 32, 32]`` images
     and int64 ``[B]`` labels on the model's device.
 
     ``dtype``: autocast dtype (``None``: float32); ``scaler``: a ``torch.amp.GradScaler``
-    (enabled for float16 only). Metrics accumulate on the device with no per-step synchronisation.
+    (enabled for float16 only); ``ema``: a ``torch.optim.swa_utils.AveragedModel`` updated after
+    every step (:func:`make_ema`). Metrics accumulate on the device with no per-step synchronisation.
 
     Returns:
         ``(loss, accuracy)``: mean cross-entropy per image in nats (label-smoothed if the
@@ -77,6 +79,8 @@ def train_one_epoch(model, optimizer, scheduler, scaler, batches, steps: int, la
         scaler.update()
         if scheduler is not None:
             scheduler.step()
+        if ema is not None:
+            ema.update_parameters(model)
         losses[step] = loss.detach() * len(y)
         correct += (logits.argmax(1) == y).sum()
         seen += len(y)
@@ -86,6 +90,15 @@ def train_one_epoch(model, optimizer, scheduler, scaler, batches, steps: int, la
         step = bad[0].item()
         raise TrainingDiverged(f"the training loss became {losses[step].item()} at step {step + 1}")
     return losses.double().sum().item() / seen, correct.item() / seen
+
+
+def make_ema(config: TrainConfig, model):
+    """``None``, or the exponential moving average of ``model``'s weights and BatchNorm buffers
+    with decay ``config.ema`` per step (``AveragedModel(use_buffers=True)`` as in torchvision's
+    ``references/classification``). Its ``.module`` is a :class:`LabCNN` like ``model``."""
+    if not config.ema:
+        return None
+    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(config.ema), use_buffers=True)
 
 
 def prepare(config: TrainConfig, train_data):
@@ -138,7 +151,9 @@ def fit(config: TrainConfig, train_data, test_data, run_dir=None, device=None, l
         optimizer = make_optimizer(config, model)
         scheduler = make_scheduler(config, optimizer, math.ceil(len(labels) / config.batch_size))
         scaler = grad_scaler(device, dtype)
-        trained = Trained(model, normalization, config, resume(folder, config, model, optimizer, scheduler, scaler))
+        ema = make_ema(config, model)
+        history = resume(folder, config, model, optimizer, scheduler, scaler, ema)
+        trained = Trained(ema.module if ema else model, normalization, config, history)
         for record in trained.history:
             log(format_epoch(record, config.epochs))
         if trained.history:
@@ -148,30 +163,34 @@ def fit(config: TrainConfig, train_data, test_data, run_dir=None, device=None, l
         images, labels = images.to(device), labels.to(device)
         session = []
         for epoch in range(trained.epoch + 1, config.epochs + 1):
-            record = run_epoch(trained, step_model, optimizer, scheduler, scaler, (images, labels), (val, test_data), epoch, dtype, folder)
+            record = run_epoch(trained, (step_model, optimizer, scheduler, scaler, ema), (images, labels), (val, test_data), epoch, dtype, folder)
             trained.history.append(record)
             if folder is not None:
-                save_run(folder, checkpoint_state(model, optimizer, scheduler, scaler, trained.history, config, normalization))
+                save_run(folder, checkpoint_state(model, optimizer, scheduler, scaler, trained.history, config, normalization, ema))
             session.append(record["seconds"])
             log(format_epoch(record, config.epochs, eta=sum(session) / len(session) * (config.epochs - epoch)))
     return trained
 
 
-def run_epoch(trained: Trained, step_model, optimizer, scheduler, scaler, train, splits, epoch: int, dtype, folder) -> dict:
+def run_epoch(trained: Trained, stepping: tuple, train, splits, epoch: int, dtype, folder) -> dict:
     """Train one epoch, evaluate the validation (if any) and test splits, and return the record.
+
+    ``stepping``: ``(step_model, optimizer, scheduler, scaler, ema)``; ``trained.model`` (the
+    moving average when ``ema`` is set) is the model evaluated.
 
     Raises:
         TrainingDiverged: a figure is not finite; names the epoch and the checkpoint kept.
     """
     config = trained.config
+    step_model, optimizer, scheduler, scaler, ema = stepping
     start = time.perf_counter()
     lr = optimizer.param_groups[0]["lr"]
     generator = epoch_generator(config.seed, epoch)
-    batches = training_batches(*train, config.batch_size, generator, trained.normalization, config.augment)
+    batches = training_batches(*train, config.batch_size, generator, trained.normalization, config.augment, config.cutout)
     steps = math.ceil(len(train[1]) / config.batch_size)
     try:
         train_loss, train_acc = train_one_epoch(step_model, optimizer, scheduler, scaler, batches, steps,
-                                                config.label_smoothing, dtype, desc=f"epoch {epoch}")
+                                                config.label_smoothing, dtype, desc=f"epoch {epoch}", ema=ema)
     except TrainingDiverged as e:
         raise TrainingDiverged(f"{e} of epoch {epoch}; {kept_checkpoint(folder, epoch - 1)}") from None
     train_seconds = time.perf_counter() - start

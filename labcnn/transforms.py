@@ -128,6 +128,22 @@ def augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     return crops.permute(0, 3, 1, 2)
 
 
+def cutout(x: torch.Tensor, size: int, generator: torch.Generator) -> torch.Tensor:
+    """Zero one ``size`` x ``size`` square per image at a random centre, clipped at the border.
+
+    Cutout (DeVries and Taylor, 2017, "Improved Regularization of Convolutional Neural Networks
+    with Cutout"), batched: applied after normalization, so the square reads as the mean colour.
+    ``x``: float ``[N, C, H, W]``; returns a new tensor of the same shape, dtype and memory format.
+    """
+    n, _, h, w = x.shape
+    centres = torch.stack([torch.randint(0, h, (n,), generator=generator), torch.randint(0, w, (n,), generator=generator)]).to(x.device)
+    low = centres - size // 2
+    rows = torch.arange(h, device=x.device) - low[0, :, None]  # [N, H]: row offset into each square
+    cols = torch.arange(w, device=x.device) - low[1, :, None]
+    inside = ((rows >= 0) & (rows < size))[:, :, None] & ((cols >= 0) & (cols < size))[:, None, :]
+    return x * ~inside[:, None]
+
+
 def epoch_generator(seed: int, epoch: int) -> torch.Generator:
     """The generator of one epoch's order and augmentation, seeded by ``(seed, epoch)``, so a
     resumed run draws the same batches."""
@@ -135,12 +151,13 @@ def epoch_generator(seed: int, epoch: int) -> torch.Generator:
 
 
 def training_batches(images, labels, batch_size: int, generator: torch.Generator, normalization: Normalization,
-                     augment_images: bool = False):
+                     augment_images: bool = False, cutout_size: int = 0):
     """One epoch of training batches: ``(x, y)``, float32 ``[B, 3, 32, 32]`` (normalized,
     ``channels_last``) and int64 ``[B]``, on ``images``' device.
 
     ``images``: uint8 ``[N, 3, 32, 32]``; ``labels``: int64 ``[N]``. The order is a permutation
-    drawn from ``generator``, which then draws each batch's augmentation (:func:`augment`). The
+    drawn from ``generator``, which then draws each batch's augmentation (:func:`augment`, then
+    :func:`cutout` when ``cutout_size`` is above 0). The
     last batch may be smaller than ``batch_size``.
     """
     device = images.device
@@ -151,4 +168,7 @@ def training_batches(images, labels, batch_size: int, generator: torch.Generator
         x = images[index]
         if augment_images:
             x = augment(x, generator)
-        yield normalization(x, tensors).contiguous(memory_format=torch.channels_last), labels[index]
+        x = normalization(x, tensors)
+        if cutout_size:
+            x = cutout(x, cutout_size, generator)
+        yield x.contiguous(memory_format=torch.channels_last), labels[index]

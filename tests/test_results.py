@@ -43,7 +43,7 @@ def seed_groups() -> dict[str, list[list[dict]]]:
     """Runs that differ only in their seed (``NAME-seedN``), grouped by ``NAME``, two or more."""
     groups = {}
     for name, history in HISTORIES.items():
-        if re.fullmatch(r"lab-\d+ep-seed\d+", name):
+        if re.fullmatch(r".+-seed\d+", name):
             groups.setdefault(name.rsplit("-seed", 1)[0], []).append(history)
     return {k: v for k, v in groups.items() if len(v) > 1}
 
@@ -55,9 +55,16 @@ def allowed() -> set:
         values |= set(analysis.headline(history).values())
     for runs in seed_groups().values():
         values |= {f"{v:.2%}" for v in analysis.seed_spread(runs).values()}
+    tta = time_to_accuracy()
+    values.add(f"{tta['final_test_acc']:.2%}")
     for path in (REPO / "results").glob("*.txt"):
         values |= set(FIGURE.findall(path.read_text()))
     return values
+
+
+def time_to_accuracy() -> dict:
+    """The JSON line of ``python -m labcnn bench --time-to-accuracy``, saved in results/."""
+    return json.loads((REPO / "results" / "time-to-accuracy.txt").read_text().strip().splitlines()[-1])
 
 
 def results_section() -> str:
@@ -94,3 +101,24 @@ def test_notebook_outputs_come_from_the_committed_lab_run():
     assert "run complete: 50 of 50 epochs restored" in outputs
     markdown = " ".join(notebook_markdown().split())
     assert f"{f['train_time']} of training, or {f['wall_time']} of wall time" in markdown
+
+
+def speed_section() -> str:
+    text = (REPO / "README.md").read_text()
+    return text.split("## Speed", 1)[1].split("\n## ", 1)[0]
+
+
+def test_time_to_accuracy_line_matches_the_committed_runs():
+    """The speed table's time-to-accuracy row: the bench's figures, and the long recipe's
+    training seconds to 80% and 85% read from its committed histories."""
+    rows = [line for line in speed_section().splitlines() if line.startswith("| time to accuracy")]
+    assert len(rows) == 1, "the Speed section needs one '| time to accuracy' row"
+    tta = time_to_accuracy()
+    expected = [f"{tta['seconds_to_target']:.1f} s", f"{tta['img_s']:.0f} images/s", f"{tta['gflop_s']:.2f} GFLOP/s"]
+    for name in sorted(n for n in HISTORIES if re.fullmatch(r"long-seed\d+", n)):
+        for target in (0.80, 0.85):
+            seconds = analysis.seconds_to(HISTORIES[name], target)
+            expected.append(f"{target:.0%}: " + ("not reached" if seconds is None else f"{seconds:.0f} s"))
+    assert len(expected) > 3, "no committed long-recipe history"
+    for figure in expected:
+        assert figure in rows[0], f"{figure} missing from the time-to-accuracy row"

@@ -14,10 +14,11 @@ from helpers import ENV, QUICK, quiet, without_times
 from synthetic import make_dataset
 
 from labcnn import train as T
-from labcnn.checkpoint import load_checkpoint
+from labcnn.checkpoint import load_checkpoint, load_trained
 from labcnn.cli import main
-from labcnn.config import make_config
+from labcnn.config import RECIPES, make_config
 from labcnn.errors import CheckpointError, ConfigError, TrainingDiverged
+from labcnn.evaluate import evaluate
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -223,3 +224,45 @@ def test_killed_training_resumes_exactly(tmp_path):
         assert without_times(history) == without_times(expected[: len(history)])
     final, reference_state = load_checkpoint(out / "checkpoint.pt"), load_checkpoint(tmp_path / "reference" / "checkpoint.pt")
     assert all(torch.equal(final["model"][k], v) for k, v in reference_state["model"].items())
+
+
+# ---------------------------------------------------------------- recipes, moving average
+
+
+@pytest.mark.parametrize("recipe", sorted(RECIPES))
+def test_every_recipe_trains_one_epoch(tree_data, recipe):
+    """The smoke test of each named recipe: its own settings, one epoch, on the synthetic data."""
+    _, train, test = tree_data
+    config = make_config(recipe, epochs=1, subset=150, val_size=50 if RECIPES[recipe].get("val_size") else None)
+    history = T.fit(config, train, test, device="cpu", log=quiet).history
+    assert len(history) == 1 and all(math.isfinite(v) for v in history[0].values())
+    assert ("val_acc" in history[0]) == bool(config.val_size)
+
+
+def test_moving_average_is_the_model_evaluated_saved_and_resumed(tree_data, tmp_path):
+    _, train, test = tree_data
+    config = make_config(**{**QUICK, "epochs": 3, "ema": 0.9, "cutout": 8})
+    trained = T.fit(config, train, test, run_dir=tmp_path / "a", device="cpu", log=quiet)
+    state = load_checkpoint(tmp_path / "a" / "checkpoint.pt")
+    assert state["ema_steps"] == 3 * math.ceil(len(train[1]) / QUICK["batch_size"])
+    averaged, raw = state["model"], state["training_model"]
+    assert all(torch.equal(averaged[k], v) for k, v in trained.model.state_dict().items())
+    assert not torch.equal(averaged["conv1.0.weight"], raw["conv1.0.weight"])  # the average, not the last step
+    loaded = load_trained(tmp_path / "a" / "checkpoint.pt")
+    assert evaluate(loaded, *test)["loss"] == pytest.approx(trained.history[-1]["test_loss"], rel=1e-6)
+
+    def stop_at_epoch_2(line):
+        if line.startswith("epoch 2/"):
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        T.fit(config, train, test, run_dir=tmp_path / "b", device="cpu", log=stop_at_epoch_2)
+    resumed = T.fit(config, train, test, run_dir=tmp_path / "b", device="cpu", log=quiet).history
+    assert without_times(resumed) == without_times(trained.history)
+
+
+def test_moving_average_changes_the_evaluated_model(tree_data):
+    _, train, test = tree_data
+    runs = [T.fit(make_config(**{**QUICK, "ema": ema}), train, test, device="cpu", log=quiet).history for ema in (0.0, 0.9)]
+    assert [r["train_loss"] for r in runs[0]] == [r["train_loss"] for r in runs[1]]  # same training steps
+    assert runs[0][-1]["test_loss"] != runs[1][-1]["test_loss"]  # another model evaluated

@@ -4,7 +4,7 @@ import torch
 from synthetic import make_images
 
 from labcnn.errors import ConfigError
-from labcnn.transforms import (LAB_NORMALIZATION, Normalization, augment, channel_stats, epoch_generator, split_validation,
+from labcnn.transforms import (LAB_NORMALIZATION, Normalization, augment, channel_stats, cutout, epoch_generator, split_validation,
                                subset, training_batches)
 
 
@@ -71,3 +71,29 @@ def test_training_batches_cover_the_epoch_once_in_a_seeded_order():
     assert all(torch.equal(a[1], b[1]) for a, b in zip(batches, again))
     other = torch.cat([y for _, y in training_batches(images, labels, 8, epoch_generator(0, 2), LAB_NORMALIZATION)])
     assert not torch.equal(other, torch.cat([y for _, y in batches]))  # another epoch, another order
+
+
+def test_cutout_zeroes_one_square_per_image_clipped_at_the_border():
+    x = torch.rand(200, 3, 32, 32) + 1  # no zero of its own
+    out = cutout(x, 8, torch.Generator().manual_seed(0))
+    assert out.shape == x.shape and torch.equal((out == 0).all(1), (out == 0).any(1))  # same pixels in every channel
+    assert torch.equal(out[out != 0], x[out != 0])  # the rest untouched
+    sizes = []
+    for mask in (out[:, 0] == 0):
+        rows, cols = mask.any(1).nonzero()[:, 0], mask.any(0).nonzero()[:, 0]
+        assert mask.sum() == len(rows) * len(cols)  # one rectangle
+        assert torch.equal(rows, torch.arange(rows[0], rows[-1] + 1)) and torch.equal(cols, torch.arange(cols[0], cols[-1] + 1))
+        sizes.append((len(rows), len(cols)))
+        assert all(n == 8 or (n < 8 and edge) for n, edge in ((len(rows), rows[0] == 0 or rows[-1] == 31),
+                                                              (len(cols), cols[0] == 0 or cols[-1] == 31)))
+    assert sum(s == (8, 8) for s in sizes) > 100 and any(s != (8, 8) for s in sizes)  # mostly whole, some clipped
+
+
+def test_training_batches_with_cutout_keep_order_and_labels():
+    images, labels = make_images(3)
+    plain = list(training_batches(images, labels, 8, epoch_generator(0, 1), LAB_NORMALIZATION, True))
+    cut = list(training_batches(images, labels, 8, epoch_generator(0, 1), LAB_NORMALIZATION, True, cutout_size=8))
+    assert all(torch.equal(a[1], b[1]) for a, b in zip(plain, cut))
+    zeros = [(x == 0).all(1).sum((1, 2)) for x, _ in cut]
+    assert all(((z >= 16) & (z <= 64)).all() for z in zeros)  # a square of 4x4 to 8x8 pixels per image
+    assert cut[0][0].is_contiguous(memory_format=torch.channels_last)
