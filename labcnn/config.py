@@ -175,8 +175,8 @@ def config_dict(config: TrainConfig) -> dict:
 
 def applied_settings(config: TrainConfig) -> dict:
     """The settings that act on this run, for printing: no ``momentum`` for Adam, no ``mean``
-    and ``std`` when they are measured, no ``val_size`` or ``subset`` when unused."""
+    and ``std`` when they are measured, no ``val_size``, ``subset``, ``cutout`` or ``ema`` when unused."""
     unused = {"momentum"} if config.optimizer != "sgd" else set()
     unused |= {name for name in ("subset", "mean", "std") if getattr(config, name) is None}
-    unused |= {"val_size"} if config.val_size == 0 else set()
+    unused |= {name for name in ("val_size", "cutout", "ema") if getattr(config, name) == 0}
     return {k: v for k, v in asdict(config).items() if k not in unused}

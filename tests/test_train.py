@@ -16,7 +16,7 @@ from synthetic import make_dataset
 from labcnn import train as T
 from labcnn.checkpoint import load_checkpoint, load_trained
 from labcnn.cli import main
-from labcnn.config import RECIPES, make_config
+from labcnn.config import RECIPES, applied_settings, make_config
 from labcnn.errors import CheckpointError, ConfigError, TrainingDiverged
 from labcnn.evaluate import evaluate
 
@@ -85,6 +85,12 @@ def test_lab_recipe_defaults():
     assert config.amp == "off" and not config.compile  # the graded run reproduces exactly
     with pytest.raises(ConfigError, match="unknown recipe"):
         make_config("nonexistent")
+
+
+def test_applied_settings_leave_out_what_does_not_act():
+    lab, long = applied_settings(make_config()), applied_settings(make_config("long"))
+    assert not {"momentum", "cutout", "ema", "val_size", "subset"} & set(lab) and lab["mean"] == (0.4914, 0.4822, 0.4465)
+    assert (long["cutout"], long["ema"], long["momentum"], long["val_size"]) == (8, 0.999, 0.9, 5000) and "mean" not in long
 
 
 def test_resume_with_other_settings_is_refused(tree_data, tmp_path):
