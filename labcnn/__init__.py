@@ -9,7 +9,8 @@ Modules, one concern each: :mod:`labcnn.data` (finding and loading CIFAR-10, wit
 threads, mixed precision, progress), :mod:`labcnn.fileio` (atomic writes and locks),
 :mod:`labcnn.plots` (figures), :mod:`labcnn.animations` (GIFs), :mod:`labcnn.arithmetic`
 (layer arithmetic), :mod:`labcnn.analysis` and :mod:`labcnn.report` (the notebook's figures and
-settings), :mod:`labcnn.bench` (throughput) and :mod:`labcnn.cli` (command line).
+settings), :mod:`labcnn.bench` (throughput), :mod:`labcnn.time_to_accuracy` (seconds to a test accuracy)
+and :mod:`labcnn.cli` (command line).
 """
 from importlib.metadata import PackageNotFoundError, version
 

@@ -122,3 +122,15 @@ def test_time_to_accuracy_line_matches_the_committed_runs():
     assert len(expected) > 3, "no committed long-recipe history"
     for figure in expected:
         assert figure in rows[0], f"{figure} missing from the time-to-accuracy row"
+
+
+def test_speed_table_matches_the_committed_bench_output():
+    """The contenders' rows and ratios: the JSON line of ``python -m labcnn bench`` in results/."""
+    result = json.loads((REPO / "results" / "bench.txt").read_text().strip().splitlines()[-1])
+    section = speed_section()
+    for name, label in (("baseline", "(a) baseline"), ("labcnn", "(b) labcnn"), ("ceiling", "(c) ceiling")):
+        row = next(line for line in section.splitlines() if line.startswith(f"| {label}"))
+        cells = [c.strip() for c in row.split("|")[2:5]]
+        assert cells == [f"{result[f'{name}_img_s']:.0f}", f"{result['median_img_s'][name]:.0f}", f"{50_000 / result[f'{name}_img_s']:.1f}"]
+    assert f"{result['speedup_vs_baseline']:.2f} times as fast" in section
+    assert f"{result['fraction_of_ceiling']:.2f} of the ceiling" in section
