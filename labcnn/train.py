@@ -127,8 +127,9 @@ def fit(config: TrainConfig, train_data, test_data, run_dir=None, device=None, l
         log: receives the device line, then one line per epoch with the estimated time left.
 
     Returns:
-        :class:`labcnn.checkpoint.Trained`: the model, its normalization, the config and the
-        history: one dict per epoch with ``epoch``, ``train_loss``, ``train_acc``,
+        :class:`labcnn.checkpoint.Trained`: the model (the moving average of the weights when
+        ``config.ema`` is set: the model evaluated and saved), its normalization, the config and
+        the history: one dict per epoch with ``epoch``, ``train_loss``, ``train_acc``,
         ``test_loss``, ``test_acc`` (losses in nats per image, accuracies as fractions), ``lr``,
         ``seconds`` (the epoch's wall time, evaluation included) and ``elapsed_train_seconds``
         (training time since the start), plus ``val_loss`` and ``val_acc`` with a validation split.
