@@ -74,7 +74,7 @@ def results_section() -> str:
 
 @pytest.mark.parametrize("name", HISTORIES)
 def test_readme_row_matches_history(name):
-    rows = [line for line in results_section().splitlines() if line.startswith("|") and f"results/{name}.json" in line]
+    rows = [line for line in results_section().splitlines() if line.startswith("|") and line.endswith(f"`results/{name}.json` |")]
     assert len(rows) == 1, f"README's results table needs one row naming results/{name}.json"
     f = analysis.headline(HISTORIES[name])
     keys = ["final_acc", "final_loss", "best_val_epoch", "original_epoch", "original_seconds"]
