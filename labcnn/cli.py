@@ -132,8 +132,8 @@ def run_train(args) -> None:
     use_physical_cores()
     config = make_config(
         args.recipe, epochs=args.epochs, batch_size=args.batch_size, optimizer=args.optimizer, lr=args.lr,
-        weight_decay=args.weight_decay, label_smoothing=args.label_smoothing, cutout=args.cutout, ema=args.ema, seed=args.seed, subset=args.subset, val_size=args.val_size, amp=args.amp,
-        compile=args.compile or None,
+        weight_decay=args.weight_decay, label_smoothing=args.label_smoothing, cutout=args.cutout, ema=args.ema,
+        seed=args.seed, subset=args.subset, val_size=args.val_size, amp=args.amp, compile=args.compile or None,
     )
     device = select_device(args.device)  # checked before any data is loaded
     train_data, test_data = load_split(args, True), load_split(args, False)
