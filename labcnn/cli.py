@@ -75,13 +75,15 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--label-smoothing", type=number(float, 0, 0.999), metavar="EPS", help="cross-entropy label smoothing, 0 to < 1")
     train.add_argument("--cutout", type=number(int, 0, 32), metavar="PIXELS", help="side of the Cutout square, 0 for none")
     train.add_argument("--ema", type=number(float, 0, 0.999999), metavar="DECAY", help="decay per step of the weights' moving average, 0 for none")
+    train.add_argument("--whiten", action="store_true", help="start conv1 from whitening filters of the training patches (airbench)")
     train.add_argument("--seed", type=number(int, 0, SEED_MAX), help="0 to 2**64 - 1 (default: 0)")
     train.add_argument("--subset", type=number(int, 1), help="train on N training images (the test set stays whole)")
     train.add_argument("--val-size", type=number(int, 0), help="hold N training images out for validation")
     add_device_arg(train)
     train.add_argument("--amp", nargs="?", const="auto", choices=AMP_CHOICES,
-                       help="mixed precision: bf16 where native (Ampere+ GPUs, AVX512-BF16/AMX CPUs), else fp16 with a "
-                            "gradient scaler on CUDA; 'bf16' or 'fp16' force one (default: off)")
+                       help="mixed precision. auto (the flag alone): bf16 where native (Ampere+ GPUs, AVX512-BF16/AMX "
+                            "CPUs), else fp16 with a gradient scaler on CUDA; native: bf16 where native, else fp32; "
+                            "'bf16' or 'fp16' force one; off: fp32 (default: the recipe's: off for lab, native for the others)")
     train.add_argument("--compile", action="store_true", help="train through torch.compile (measure with bench first)")
 
     evaluate = commands.add_parser("evaluate", help="test loss, accuracy, per-class accuracy and confusion matrix")
@@ -133,7 +135,8 @@ def run_train(args) -> None:
     config = make_config(
         args.recipe, epochs=args.epochs, batch_size=args.batch_size, optimizer=args.optimizer, lr=args.lr,
         weight_decay=args.weight_decay, label_smoothing=args.label_smoothing, cutout=args.cutout, ema=args.ema,
-        seed=args.seed, subset=args.subset, val_size=args.val_size, amp=args.amp, compile=args.compile or None,
+        whiten=args.whiten or None, seed=args.seed, subset=args.subset, val_size=args.val_size, amp=args.amp,
+        compile=args.compile or None,
     )
     device = select_device(args.device)  # checked before any data is loaded
     train_data, test_data = load_split(args, True), load_split(args, False)

@@ -23,6 +23,7 @@ from labcnn.errors import TrainingDiverged
 from labcnn.evaluate import evaluate
 from labcnn.model import LabCNN
 from labcnn.transforms import Normalization, epoch_generator, split_validation, subset, training_batches
+from labcnn.whitening import WHITENING_IMAGES, whiten_conv
 
 TIME_FIELDS = ("seconds", "elapsed_train_seconds")  # the only history fields that vary between runs
 
@@ -149,6 +150,8 @@ def fit(config: TrainConfig, train_data, test_data, run_dir=None, device=None, l
     with open_run(run_dir) as folder:
         log(f"device: {describe_device(device)}{amp_note(config.amp, dtype)}")
         model = LabCNN().to(device, memory_format=torch.channels_last)
+        if config.whiten:
+            whiten_conv(model.conv1[0], normalization(images[:WHITENING_IMAGES]))
         optimizer = make_optimizer(config, model)
         scheduler = make_scheduler(config, optimizer, math.ceil(len(labels) / config.batch_size))
         scaler = grad_scaler(device, dtype)
@@ -212,6 +215,8 @@ def amp_note(amp: str, dtype) -> str:
     """The device line's word on mixed precision: nothing when it is off as asked."""
     if dtype is not None:
         return f", mixed precision {str(dtype).replace('torch.', '')}"
+    if amp == "native":
+        return ", float32 (the recipe's bfloat16 needs a device that computes it natively)"
     return "" if amp == "off" else f", mixed precision off (--amp {amp}: this device has no native bfloat16; float32 is used)"
 
 

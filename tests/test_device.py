@@ -77,6 +77,7 @@ def test_amp_on_cuda_uses_native_bf16_else_fp16_with_a_gradient_scaler(monkeypat
     assert D.grad_scaler(cuda, D.amp_dtype(cuda, "auto")).is_enabled() == scaled
     assert D.amp_dtype(cuda, "fp16") == torch.float16 and D.amp_dtype(cuda, "bf16") == torch.bfloat16  # forced
     assert D.amp_dtype(cuda, "off") is None
+    assert D.amp_dtype(cuda, "native") == (torch.bfloat16 if native else None)  # never float16
 
 
 @pytest.mark.parametrize("flags, native", [("fpu avx2 avx512f avx512_bf16", True), ("fpu avx2 amx_bf16 amx_tile", True), ("fpu avx2 avx512f", False)])
@@ -85,6 +86,7 @@ def test_cpu_bf16_only_where_native(monkeypatch, flags, native):
     assert D.cpu_has_native_bf16(info) is native
     monkeypatch.setattr(D, "cpu_has_native_bf16", lambda cpuinfo=None: native)
     assert D.amp_dtype(torch.device("cpu"), "auto") == (torch.bfloat16 if native else None)
+    assert D.amp_dtype(torch.device("cpu"), "native") == (torch.bfloat16 if native else None)
     assert not D.grad_scaler(torch.device("cpu"), torch.bfloat16).is_enabled()
 
 

@@ -83,13 +83,14 @@ def test_lab_recipe_defaults():
         50, 100, "adam", 0.01, 0.001, 0)
     assert config.mean == (0.4914, 0.4822, 0.4465) and config.std == (0.2023, 0.1994, 0.2010)
     assert config.amp == "off" and not config.compile  # the graded run reproduces exactly
+    assert {make_config(name).amp for name in RECIPES if name != "lab"} == {"native"}  # bfloat16 where native
     with pytest.raises(ConfigError, match="unknown recipe"):
         make_config("nonexistent")
 
 
 def test_applied_settings_leave_out_what_does_not_act():
     lab, long = applied_settings(make_config()), applied_settings(make_config("long"))
-    assert not {"momentum", "cutout", "ema", "val_size", "subset"} & set(lab) and lab["mean"] == (0.4914, 0.4822, 0.4465)
+    assert not {"momentum", "cutout", "ema", "whiten", "val_size", "subset"} & set(lab) and lab["mean"] == (0.4914, 0.4822, 0.4465)
     assert (long["cutout"], long["ema"], long["momentum"], long["val_size"]) == (8, 0.999, 0.9, 5000) and "mean" not in long
 
 
@@ -272,3 +273,9 @@ def test_moving_average_changes_the_evaluated_model(tree_data):
     runs = [T.fit(make_config(**{**QUICK, "ema": ema}), train, test, device="cpu", log=quiet).history for ema in (0.0, 0.9)]
     assert [r["train_loss"] for r in runs[0]] == [r["train_loss"] for r in runs[1]]  # same training steps
     assert runs[0][-1]["test_loss"] != runs[1][-1]["test_loss"]  # another model evaluated
+
+
+def test_device_line_says_which_precision_the_recipe_got():
+    assert T.amp_note("off", None) == ""
+    assert T.amp_note("native", torch.bfloat16) == ", mixed precision bfloat16"
+    assert "float32" in T.amp_note("native", None) and "natively" in T.amp_note("native", None)
