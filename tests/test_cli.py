@@ -102,3 +102,26 @@ def test_every_path_option_expands_the_home_folder(tree_data, tmp_path, monkeypa
     assert main(["bench", "--data-dir", "~/data", "--images-per-round", "100", "--rounds", "1", "--device", "cpu"]) == 0
     capsys.readouterr()
     assert list(cwd.iterdir()) == []  # no folder literally named ~
+
+
+class Captured(Exception):
+    """Raised by a stand-in for fit, carrying the config the command line built."""
+
+
+@pytest.mark.parametrize("argv, expected", [
+    ([], dict(recipe="lab", amp="off", whiten=False)),
+    (["--recipe", "improved"], dict(recipe="improved", amp="native", whiten=False)),
+    (["--recipe", "improved", "--amp", "off", "--whiten", "--cutout", "8", "--ema", "0.99", "--label-smoothing", "0.2"],
+     dict(amp="off", whiten=True, cutout=8, ema=0.99, label_smoothing=0.2)),
+    (["--recipe", "fast", "--amp"], dict(recipe="fast", amp="auto")),
+])
+def test_train_options_reach_the_config(tree_data, tmp_path, monkeypatch, argv, expected):
+    def fake_fit(config, *args, **kwargs):
+        raise Captured(config)
+
+    monkeypatch.setattr("labcnn.train.fit", fake_fit)
+    root, _, _ = tree_data
+    with pytest.raises(Captured) as caught:
+        main(["train", "--data-dir", str(root), "--out", str(tmp_path / "run"), *argv])
+    config = caught.value.args[0]
+    assert {k: getattr(config, k) for k in expected} == expected

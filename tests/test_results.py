@@ -128,9 +128,15 @@ def test_speed_table_matches_the_committed_bench_output():
     """The contenders' rows and ratios: the JSON line of ``python -m labcnn bench`` in results/."""
     result = json.loads((REPO / "results" / "bench.txt").read_text().strip().splitlines()[-1])
     section = speed_section()
-    for name, label in (("baseline", "(a) baseline"), ("labcnn", "(b) labcnn"), ("ceiling", "(c) ceiling")):
-        row = next(line for line in section.splitlines() if line.startswith(f"| {label}"))
+    labels = {"baseline": "(a) baseline", "labcnn": "(b) labcnn", "ceiling": "(c) ceiling",
+              "labcnn_bf16": "(b16) labcnn", "ceiling_bf16": "(c16) ceiling"}
+    assert set(result["median_img_s"]) <= set(labels), "a contender the README's table does not name"
+    for name in result["median_img_s"]:
+        row = next(line for line in section.splitlines() if line.startswith(f"| {labels[name]}"))
         cells = [c.strip() for c in row.split("|")[2:5]]
         assert cells == [f"{result[f'{name}_img_s']:.0f}", f"{result['median_img_s'][name]:.0f}", f"{50_000 / result[f'{name}_img_s']:.1f}"]
     assert f"{result['speedup_vs_baseline']:.2f} times as fast" in section
     assert f"{result['fraction_of_ceiling']:.2f} of the ceiling" in section
+    if "fraction_of_ceiling_bf16" in result:
+        assert f"{result['fraction_of_ceiling_bf16']:.2f} of the bfloat16 ceiling" in section
+        assert f"{result['fraction_of_fastest_ceiling']:.2f} of the faster ceiling" in section
