@@ -132,6 +132,9 @@ def resume(folder, config: TrainConfig, model, optimizer, scheduler, scaler, ema
             f"{path} was written with other settings: {changes}. "
             "Run with the checkpoint's settings to resume, or choose a new output folder."
         )
+    missing = [k for k in ("training_model", "ema_steps") if ema is not None and k not in state]
+    if missing:
+        raise CheckpointError(f"{path} lacks {missing}: a run with a moving average (ema={config.ema}) saves both")
     load_weights(path, model, state.get("training_model", state["model"]))
     if ema is not None:
         load_weights(path, ema.module, state["model"])

@@ -20,7 +20,7 @@ from labcnn.analysis import ORIGINAL_ACCURACY, first_reaching
 from labcnn.config import TrainConfig
 from labcnn.device import select_device
 from labcnn.model import LabCNN
-from labcnn.train import fit
+from labcnn.train import fit, prepare
 
 
 def training_flops_per_image(config: TrainConfig, device) -> float:
@@ -60,7 +60,7 @@ def time_to_accuracy(config: TrainConfig, train_data, test_data, target: float =
     per_image = training_flops_per_image(config, device)
     history = fit(config, train_data, test_data, device=device, log=log).history
     reached = first_reaching(history, target)
-    images = ((config.subset or len(train_data[1])) - config.val_size) * config.epochs
+    images = len(prepare(config, train_data)[0][1]) * config.epochs  # the images fit trained on
     seconds = history[-1]["elapsed_train_seconds"]
     return {
         "recipe": config.recipe,

@@ -268,6 +268,18 @@ def test_moving_average_is_the_model_evaluated_saved_and_resumed(tree_data, tmp_
     assert without_times(resumed) == without_times(trained.history)
 
 
+def test_moving_average_checkpoint_without_its_step_count_is_refused(tree_data, tmp_path):
+    _, train, test = tree_data
+    config = make_config(**{**QUICK, "epochs": 2, "ema": 0.9})
+    T.fit(make_config(**{**QUICK, "epochs": 1, "ema": 0.9}), train, test, run_dir=tmp_path, device="cpu", log=quiet)
+    state = load_checkpoint(tmp_path / "checkpoint.pt")
+    state["config"]["epochs"] = 2
+    del state["ema_steps"]
+    torch.save(state, tmp_path / "checkpoint.pt")
+    with pytest.raises(CheckpointError, match=r"lacks \['ema_steps'\]: a run with a moving average"):
+        T.fit(config, train, test, run_dir=tmp_path, device="cpu", log=quiet)
+
+
 def test_moving_average_changes_the_evaluated_model(tree_data):
     _, train, test = tree_data
     runs = [T.fit(make_config(**{**QUICK, "ema": ema}), train, test, device="cpu", log=quiet).history for ema in (0.0, 0.9)]
