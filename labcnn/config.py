@@ -140,7 +140,7 @@ RECIPES = {
     "improved": dict(
         epochs=40, batch_size=128, optimizer="sgd", lr=0.1, weight_decay=5e-4, momentum=0.9,
         schedule="onecycle", label_smoothing=0.1, augment=True, mean=None, std=None, val_size=5000,
-        amp="native",  # bfloat16 where native: no accuracy cost measured (README, Speed); --amp off for float32
+        amp="native",  # bfloat16 where native: no accuracy cost measured (README, Results); --amp off for float32
     ),
 }
 # The improved recipe, longer, with Cutout and a moving average of the weights (README, Results).

@@ -114,7 +114,7 @@ def amp_dtype(device: torch.device, amp: str) -> torch.dtype | None:
     (Colab's T4); on a CPU with native bfloat16 (:func:`cpu_has_native_bf16`), bfloat16; elsewhere
     (other CPUs, MPS) fp32. ``"native"``: bfloat16 where ``"auto"`` picks it, else fp32 (never
     float16): the default of the improved recipes, whose accuracy in bfloat16 was measured (README,
-    Speed). ``"bf16"`` and ``"fp16"`` force that dtype on any device.
+    Results). ``"bf16"`` and ``"fp16"`` force that dtype on any device.
     """
     if amp == "off":
         return None
