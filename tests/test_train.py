@@ -174,7 +174,10 @@ def wait_for_epoch_lines(proc, after: int, count: int) -> list[float]:
 def start_train(root, out, epochs, **popen):
     command = [sys.executable, "-m", "labcnn", "train", "--data-dir", str(root), "--out", str(out), "--epochs", str(epochs),
                "--subset", "160", "--batch-size", "8", "--lr", "0.002", "--seed", "3", "--device", "cpu"]
-    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=popen.pop("stderr", subprocess.STDOUT), text=True, env=ENV)
+    # A shell's background job starts with SIGINT ignored, and a child inherits that: give it back
+    # its default, so Ctrl-C reaches the run however the tests were started.
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=popen.pop("stderr", subprocess.STDOUT), text=True, env=ENV,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     watchdog = threading.Timer(600, proc.kill)  # a hung run fails the test instead of blocking it
     watchdog.daemon = True
     watchdog.start()
