@@ -18,10 +18,10 @@ WHITENING_EPS = 5e-4  # airbench's eps, added to each eigenvalue
 
 def patches(images: torch.Tensor, kernel_size: tuple[int, int]) -> torch.Tensor:
     """Every ``kernel_size`` patch (stride 1, no padding) of float ``[N, C, H, W]`` images, as
-    float32 ``[N * (H - kh + 1) * (W - kw + 1), C * kh * kw]``, in ``Conv2d.weight``'s order."""
+    ``[N * (H - kh + 1) * (W - kw + 1), C * kh * kw]`` of the images' dtype, in ``Conv2d.weight``'s order."""
     kh, kw = kernel_size
     c = images.shape[1]
-    windows = images.float().unfold(2, kh, 1).unfold(3, kw, 1)  # [N, C, H', W', kh, kw]
+    windows = images.unfold(2, kh, 1).unfold(3, kw, 1)  # [N, C, H', W', kh, kw]
     return windows.permute(0, 2, 3, 1, 4, 5).reshape(-1, c * kh * kw)
 
 
@@ -43,7 +43,7 @@ def whiten_conv(conv: nn.Conv2d, images: torch.Tensor, eps: float = WHITENING_EP
     if out_channels < 2 * dims or images.dim() != 4 or images.shape[1] != c:
         raise ValueError(f"whitening needs a conv with >= {2 * dims} filters and [N, {c}, H, W] images, "
                          f"got {out_channels} filters and images of shape {tuple(images.shape)}")
-    flat = patches(images, (kh, kw)).double()
+    flat = patches(images.double(), (kh, kw))
     covariance = flat.T @ flat / len(flat)
     eigenvalues, eigenvectors = torch.linalg.eigh(covariance)  # ascending; columns are vectors
     filters = (eigenvectors / (eigenvalues + eps).sqrt()).T.flip(0).reshape(dims, c, kh, kw)
