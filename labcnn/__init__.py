@@ -1,16 +1,11 @@
 """labcnn: the "Simple CNN for CIFAR-10" lab as a small, tested package.
 
-Modules, one concern each: :mod:`labcnn.data` (finding and loading CIFAR-10, with
-:mod:`~labcnn.cifar_files`, :mod:`~labcnn.cifar_download` and :mod:`~labcnn.image_tree`),
-:mod:`labcnn.transforms` (normalization, subset, validation split, augmentation),
-:mod:`labcnn.model` (the lab's CNN), :mod:`labcnn.config` (settings and recipes),
-:mod:`labcnn.train` (the training loop), :mod:`labcnn.evaluate` (evaluation),
-:mod:`labcnn.checkpoint` (run folders and the one model loader), :mod:`labcnn.device` (devices,
-threads, mixed precision, progress), :mod:`labcnn.fileio` (atomic writes and locks),
-:mod:`labcnn.plots` (figures), :mod:`labcnn.animations` (GIFs), :mod:`labcnn.arithmetic`
-(layer arithmetic), :mod:`labcnn.analysis` and :mod:`labcnn.report` (the notebook's figures and
-settings), :mod:`labcnn.bench` (throughput), :mod:`labcnn.time_to_accuracy` (seconds to a test accuracy)
-and :mod:`labcnn.cli` (command line).
+Read in this order: :mod:`~labcnn.model` (the network), :mod:`~labcnn.train` (batches, one
+epoch, evaluation, fit), then :mod:`~labcnn.data` (CIFAR-10 files), :mod:`~labcnn.config`
+(settings, ranges, device), :mod:`~labcnn.checkpoint`, :mod:`~labcnn.fileio`,
+:mod:`~labcnn.plots`, :mod:`~labcnn.animations`, :mod:`~labcnn.bench` and :mod:`~labcnn.cli`.
+
+Every error labcnn raises for a user's problem is a :class:`LabcnnError` with a one-line message.
 """
 from importlib.metadata import PackageNotFoundError, version
 
@@ -18,3 +13,40 @@ try:  # one home for the version: pyproject.toml
     __version__ = version("labcnn")
 except PackageNotFoundError:  # imported from a checkout that was never installed
     __version__ = "0+checkout"
+
+
+class LabcnnError(Exception):
+    """Base class: the command line prints ``error: <message>`` and exits with status 2."""
+
+
+class DataError(LabcnnError):
+    """CIFAR-10 files are missing, damaged, or in no layout :func:`labcnn.data.load_cifar10` reads."""
+
+
+class CheckpointError(LabcnnError):
+    """A checkpoint is unreadable, of another model, version, run or data set."""
+
+
+class ConfigError(LabcnnError, ValueError):
+    """A setting is out of range or unknown; the message names it and the accepted values."""
+
+
+class DeviceError(ConfigError):
+    """A device name is unknown, or names a device this machine does not have."""
+
+
+class TrainingDiverged(LabcnnError):
+    """The training loss became NaN or infinite; the last finite checkpoint is kept."""
+
+
+class RunFolderBusy(LabcnnError):
+    """Another process is training into the same run folder."""
+
+
+class WriteError(LabcnnError):
+    """A file or folder could not be written; ``path`` and ``reason`` (e.g. ``Permission denied``)."""
+
+    def __init__(self, path, reason: str, advice: str | None = None):
+        self.path, self.reason = path, reason
+        advice = advice or "make its folder writable and free disk space, or choose another folder"
+        super().__init__(f"cannot write {path} ({reason}): {advice}")

@@ -1,31 +1,12 @@
-"""Training throughput of LabCNN through three input pipelines, in one process: ``python -m labcnn bench``.
+"""Training throughput of LabCNN through three input pipelines, against the machine's matmul peak.
 
-Every contender trains its own freshly initialised :class:`~labcnn.model.LabCNN` (same seed)
-with the lab's recipe (Adam, lr 0.01, L2 weight decay 0.001, batch 100, cross-entropy) on the
-same images, so they do identical work; only the way batches reach the model differs:
-
-(a) ``baseline``: what a user writes from the PyTorch CIFAR-10 tutorial: a dataset that, like
-    ``torchvision.datasets.CIFAR10``, returns one PIL image per sample (``Image.fromarray``),
-    a per-sample ``ToTensor()`` + ``Normalize(LAB_MEAN, LAB_STD)``, ``DataLoader(batch_size,
-    shuffle=True)``, the default (contiguous) memory format, and ``loss.item()`` every step.
-(b) ``labcnn``: the project's own path, :func:`labcnn.train.train_one_epoch` on in-memory
-    uint8 tensors with a channels_last model, exactly what :func:`labcnn.train.fit` runs.
-(c) ``ceiling``: the model step alone on pre-staged, already normalized float32 channels_last
-    batches: the limit for any input pipeline.
-(d) ``compile`` (``--compile``): (b) with ``torch.compile(model)``, as ``fit`` does when
-    ``TrainConfig.compile`` is set.
-(b16), (c16) ``labcnn_bf16`` and ``ceiling_bf16``: (b) and (c) under bfloat16 autocast
-    (``torch.autocast``; the loss in float32), only where the device computes bfloat16 natively
-    (:func:`labcnn.device.native_bf16`: AVX512-BF16 or AMX CPUs, Ampere and newer GPUs).
-    Elsewhere bfloat16 is emulated, slower than float32, and the result says why they are absent.
-    Each path is compared with the ceiling of its own precision.
-
-All contenders are warmed up first, then timed in alternating rounds (a, b, c, a, b, c, ...),
-each round a fixed number of images per contender, with ``time.perf_counter`` (and
-``torch.cuda.synchronize`` around each round on CUDA). Each contender's figure is its fastest
-round (its shortest time, as ``timeit`` advises: slower rounds measure the shared machine's
-other load, not the code); the medians are printed beside it.
-Throughputs are in images per second; times in seconds.
+Each contender trains a fresh LabCNN (same seed, lab recipe) on the same images: (a) baseline,
+the PyTorch CIFAR-10 tutorial (a PIL image per sample, ToTensor + Normalize, DataLoader, loss.item()
+every step); (b) labcnn, train_one_epoch on in-memory uint8 tensors, channels_last, as fit runs;
+(c) ceiling, the model step alone on pre-staged batches; (b16), (c16): (b), (c) under bfloat16
+autocast where the device computes it natively (emulated, it is slower than float32). Rounds
+alternate (a, b, c, matmuls, a, ...); each figure is the fastest round (timeit: slower rounds
+measure other load). Images/s, seconds, GFLOP/s.
 """
 from __future__ import annotations
 
@@ -38,56 +19,44 @@ import time
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from torch import nn
 from torch.utils.data import DataLoader, Dataset
+from torch.utils.flop_counter import FlopCounterMode
 from torchvision import transforms
 
-from labcnn.config import TrainConfig, make_config
-from labcnn.device import bf16_absence, describe_device, grad_scaler, native_bf16
-from labcnn.errors import ConfigError
-from labcnn.model import LabCNN
-from labcnn.train import make_optimizer, train_one_epoch
-from labcnn.transforms import LAB_MEAN, LAB_STD, Normalization, epoch_generator, training_batches
+from labcnn import ConfigError
+from labcnn.config import bf16_absence, describe_device, make_config, native_bf16
+from labcnn.model import LAB_MEAN, LAB_NORMALIZATION, LAB_STD, LabCNN
+from labcnn.train import batches, epoch_generator, make_optimizer, train_one_epoch
 
-EPOCH_IMAGES = 50_000  # one pass over the CIFAR-10 training split
 WARMUP_STEPS = 5  # untimed training steps per contender before the rounds
-NAMES = {"baseline": "(a) baseline", "labcnn": "(b) labcnn", "ceiling": "(c) ceiling", "compile": "(d) labcnn+compile",
+MATMUL_SIZE = 2048  # the peak's n x n @ n x n product: 2 n^3 FLOPs
+NAMES = {"baseline": "(a) baseline", "labcnn": "(b) labcnn", "ceiling": "(c) ceiling",
          "labcnn_bf16": "(b16) labcnn bf16", "ceiling_bf16": "(c16) ceiling bf16"}
 
 
 def random_data(n: int = 10_000, seed: int = 0):
-    """``n`` random uint8 ``[n, 3, 32, 32]`` images with random int64 labels in ``0..9``.
-
-    Timings do not depend on pixel values, so these stand in for CIFAR-10 when no data is given.
-    """
+    """Random uint8 ``[n, 3, 32, 32]`` images, int64 ``[n]`` labels (timings ignore pixels)."""
     gen = torch.Generator().manual_seed(seed)
     images = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=gen)
     return images, torch.randint(0, 10, (n,), generator=gen)
 
 
-def fresh_model(config: TrainConfig, device, memory_format, seed: int):
-    """A newly initialised LabCNN (seeded by ``seed``) on ``device`` and its optimizer."""
-    torch.manual_seed(seed)
-    model = LabCNN().to(device, memory_format=memory_format)
-    return model, make_optimizer(config, model)
-
-
-def synchronize(device: torch.device) -> None:
-    """Wait for queued device work, so wall-clock time covers it (CUDA, MPS; no-op on CPU)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    elif device.type == "mps":
-        torch.mps.synchronize()
+def timed(device: torch.device, work, *args, **kwargs) -> float:
+    """Seconds of ``work(*args, **kwargs)``, between device syncs so that queued work counts."""
+    sync = torch.accelerator.synchronize if device.type != "cpu" else lambda device: None
+    sync(device)
+    start = time.perf_counter()
+    work(*args, **kwargs)
+    sync(device)
+    return time.perf_counter() - start
 
 
 class TutorialCIFAR10(Dataset):
-    """In-memory CIFAR-10 served like ``torchvision.datasets.CIFAR10``: HWC uint8 numpy images,
-    each returned as ``transform(Image.fromarray(image))`` with an int label."""
+    """Images served like torchvision.datasets.CIFAR10: HWC uint8 data, a PIL image per sample."""
+    transform = transforms.Compose([transforms.ToTensor(), transforms.Normalize(LAB_MEAN, LAB_STD)])
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, transform):
-        self.data = images.permute(0, 2, 3, 1).contiguous().numpy()  # [N, 32, 32, 3], as CIFAR10.data
-        self.targets = labels.tolist()
-        self.transform = transform
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor):
+        self.data, self.targets = images.permute(0, 2, 3, 1).contiguous().numpy(), labels.tolist()
 
     def __len__(self) -> int:
         return len(self.targets)
@@ -96,227 +65,136 @@ class TutorialCIFAR10(Dataset):
         return self.transform(Image.fromarray(self.data[index])), self.targets[index]
 
 
-def endless(loader):
-    """The loader's batches, epoch after epoch (each epoch reshuffled, as in a training loop)."""
-    while True:
-        yield from loader
+def contender(name: str, images, labels, config, device, seed: int, staged: int):
+    """``train(n)``: contender ``name`` (a key of NAMES) trains a fresh LabCNN on ``n`` images
+    (whole batches); the ceiling cycles over ``staged`` images' batches, staged on ``device``."""
+    dtype, size = torch.bfloat16 if name.endswith("bf16") else None, config.batch_size
+    torch.manual_seed(seed)
+    fmt = torch.contiguous_format if name == "baseline" else torch.channels_last
+    model = LabCNN().to(device, memory_format=fmt)
+    optimizer = make_optimizer(config, model)
+    if name == "baseline":  # num_workers=0: the tutorial's 2 would share a 2-core CPU
+        loader = DataLoader(TutorialCIFAR10(images, labels), batch_size=size, shuffle=True,
+                            generator=torch.Generator().manual_seed(seed))
+        stream = itertools.chain.from_iterable(itertools.repeat(loader))  # reshuffled each pass
+    else:  # one epoch's batches after another, as fit draws them
+        images, labels = images.to(device), labels.to(device)
+        stream = itertools.chain.from_iterable(
+            batches(images, labels, size, epoch_generator(seed, epoch), LAB_NORMALIZATION)
+            for epoch in itertools.count(1))
+        if name.startswith("labcnn"):
+            return lambda n: train_one_epoch(model, optimizer, itertools.islice(stream, n // size),
+                                             n // size, dtype=dtype)
+        stream = itertools.cycle(list(itertools.islice(stream, min(staged, len(labels)) // size)))
 
-
-def baseline_contender(images, labels, config: TrainConfig, device, seed: int):
-    """(a) The tutorial pipeline. Returns ``train(n)``, which trains on ``n`` images and returns
-    the number trained on (whole batches; the loader restarts, reshuffled, at each epoch end)."""
-    model, optimizer = fresh_model(config, device, torch.contiguous_format, seed)
-    transform = transforms.Compose([transforms.ToTensor(), transforms.Normalize(LAB_MEAN, LAB_STD)])
-    dataset = TutorialCIFAR10(images, labels, transform)
-    # num_workers=0 (DataLoader's default); the tutorial's num_workers=2 would share this 2-core CPU
-    loader = DataLoader(dataset, batch_size=config.batch_size, shuffle=True, generator=torch.Generator().manual_seed(seed))
-    batches = endless(loader)
-    criterion = nn.CrossEntropyLoss()
-
-    def train(n: int) -> int:
+    def train(n: int) -> None:
         model.train()
-        done, running_loss = 0, 0.0
-        while done < n:
-            inputs, targets = next(batches)
-            inputs, targets = inputs.to(device), targets.to(device)
-            optimizer.zero_grad()
-            loss = criterion(model(inputs), targets)
-            loss.backward()
-            optimizer.step()
-            running_loss += loss.item()
-            done += len(targets)
-        return done
-
-    return train
-
-
-def labcnn_contender(images, labels, config: TrainConfig, device, seed: int, compile: bool = False, dtype=None):
-    """(b) ``train_one_epoch`` on device-resident uint8 tensors, as ``fit`` runs it; (d) with
-    ``torch.compile`` when ``compile``; (b16) with ``dtype=torch.bfloat16`` autocast. Returns
-    ``train(n)``: whole passes over the data, then one pass over its first ``n % len(labels)``
-    images; returns the number trained on."""
-    model, optimizer = fresh_model(config, device, torch.channels_last, seed)
-    step_model = torch.compile(model) if compile else model
-    normalization = Normalization(config.mean, config.std)
-    scaler = grad_scaler(device, dtype)
-    images, labels = images.to(device), labels.to(device)
-    epochs = itertools.count(1)
-
-    def train(n: int) -> int:
-        sizes = [len(labels)] * (n // len(labels)) + [n % len(labels)]
-        for size in filter(None, sizes):
-            generator = epoch_generator(config.seed, next(epochs))
-            batches = training_batches(images[:size], labels[:size], config.batch_size, generator, normalization)
-            train_one_epoch(step_model, optimizer, None, scaler, batches, math.ceil(size / config.batch_size), dtype=dtype)
-        return n
-
-    return train
-
-
-def ceiling_contender(images, labels, config: TrainConfig, device, seed: int, staged: int, dtype=None):
-    """(c) The model step alone, cycling over ``staged`` images pre-staged on ``device`` as
-    normalized float32 channels_last batches; (c16) under ``dtype`` autocast. Returns
-    ``train(n)`` (``n`` rounded up to whole batches); returns the number trained on."""
-    model, optimizer = fresh_model(config, device, torch.channels_last, seed)
-    normalization = Normalization(config.mean, config.std)
-    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))[:staged]
-    batches = [
-        (normalization(images[i].to(device)).contiguous(memory_format=torch.channels_last), labels[i].to(device))
-        for i in order.split(config.batch_size)
-    ]
-    stream = itertools.cycle(batches)
-
-    def train(n: int) -> int:
-        model.train()
-        done = 0
-        while done < n:
-            x, y = next(stream)
-            with torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+        for x, y in itertools.islice(stream, n // size):
+            x, y = x.to(device), y.to(device)
+            with torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=bool(dtype)):
                 logits = model(x)
             loss = F.cross_entropy(logits.float(), y)
-            optimizer.zero_grad(set_to_none=True)
+            optimizer.zero_grad()
             loss.backward()
             optimizer.step()
-            done += len(y)
-        return done
-
+            if name == "baseline":
+                loss.item()  # the tutorial's running loss: a device sync every step
     return train
 
 
-def throughput(train, n: int, device) -> float:
-    """Images per second of ``train(n)``, timed with ``perf_counter`` between device syncs."""
-    synchronize(device)
-    start = time.perf_counter()
-    done = train(n)
-    synchronize(device)
-    return done / (time.perf_counter() - start)
+def matmul(device: torch.device, dtype: torch.dtype):
+    """``measure()``: GFLOP/s of one MATMUL_SIZE-square product in ``dtype`` on ``device``."""
+    a, b = torch.rand(2, MATMUL_SIZE, MATMUL_SIZE, dtype=dtype, device=device)
+    out = torch.empty_like(a)
+    torch.mm(a, b, out=out)  # untimed: the first product pays for kernel selection and caches
+    return lambda: 2 * MATMUL_SIZE**3 / timed(device, torch.mm, a, b, out=out) / 1e9
 
 
-def make_contenders(images, labels, config, device, seed, staged, compile, bf16, log):
-    """``({name: train}, {name: warm-up seconds})`` for the contenders, each warmed up and logged.
-
-    A failing ``torch.compile`` contender is left out, with a log line saying why.
-    """
-    builders = {
-        "baseline": lambda: baseline_contender(images, labels, config, device, seed),
-        "labcnn": lambda: labcnn_contender(images, labels, config, device, seed),
-        "ceiling": lambda: ceiling_contender(images, labels, config, device, seed, staged),
-    }
-    if bf16:
-        builders["labcnn_bf16"] = lambda: labcnn_contender(images, labels, config, device, seed, dtype=torch.bfloat16)
-        builders["ceiling_bf16"] = lambda: ceiling_contender(images, labels, config, device, seed, staged, dtype=torch.bfloat16)
-    if compile:
-        builders["compile"] = lambda: labcnn_contender(images, labels, config, device, seed, compile=True)
-    contenders, warm = {}, {}
-    for name, build in builders.items():
-        start = time.perf_counter()
-        try:
-            train = build()
-            train(config.batch_size * WARMUP_STEPS)
-            synchronize(device)
-        except Exception as e:  # torch.compile fails in many ways (no compiler, unsupported op...)
-            if name != "compile":
-                raise
-            log(f"{NAMES[name]}: torch.compile failed, left out ({type(e).__name__}: {(str(e).splitlines() or [''])[0]})")
-            continue
-        contenders[name] = train
-        warm[name] = time.perf_counter() - start
-    steps = f"warm-up ({WARMUP_STEPS} steps, including set-up{' and compilation' if compile else ''})"
-    log(f"{steps}: " + ", ".join(f"{name} {seconds:.1f} s" for name, seconds in warm.items()))
-    return contenders, warm
+def flops_per_image(batch_size: int = 100) -> float:
+    """FLOPs per image of a training step (forward, cross-entropy, backward) as FlopCounterMode
+    counts them (convolutions, matrix products; a multiply-add is 2) on the meta device."""
+    model = LabCNN().to("meta", memory_format=torch.channels_last)
+    x, y = torch.zeros(batch_size, 3, 32, 32, device="meta"), torch.zeros(batch_size).long()
+    with FlopCounterMode(display=False) as counter:
+        F.cross_entropy(model(x), y.to("meta")).backward()
+    return counter.get_total_flops() / batch_size
 
 
-def run(images, labels, device="cpu", images_per_round: int = 10_000, rounds: int = 5, batch_size: int = 100,
-        compile: bool = False, seed: int = 0, bf16: bool | None = None, log=print) -> dict:
-    """Time every contender in ``rounds`` alternating rounds of ``images_per_round`` images each.
-
-    Args:
-        images, labels: uint8 ``[N, 3, 32, 32]`` and int64 ``[N]`` on the CPU; ``N`` is cut to
-            whole batches. ``images_per_round`` is rounded up to whole batches.
-        device: the training device; the baseline's dataset stays on the CPU, as a tutorial's does.
-        compile: add contender (d), ``torch.compile``.
-        bf16: add the bfloat16 contenders; ``None``: where the device computes bfloat16 natively.
-        log: receives the progress and report lines.
-
-    Returns:
-        dict with ``baseline_img_s``, ``labcnn_img_s``, ``ceiling_img_s`` (fastest round's images per
-        second over the rounds), ``speedup_vs_baseline`` (labcnn / baseline),
-        ``fraction_of_ceiling`` (labcnn / ceiling), ``device``, ``images_per_round``,
-        ``rounds``, ``median_img_s`` and ``warmup_s`` (per contender), and with ``compile``
-        ``compile_img_s`` and ``compile_vs_labcnn`` (``None`` if compilation failed).
-        ``fraction_of_fastest_ceiling``: the fastest labcnn path over the fastest ceiling. With
-        bfloat16, ``labcnn_bf16_img_s``, ``ceiling_bf16_img_s`` and ``fraction_of_ceiling_bf16``
-        (bf16 over bf16); without, ``bf16_absent``, the reason.
-    """
+def run(images, labels, device="cpu", images_per_round: int = 10_000, rounds: int = 5,
+        batch_size: int = 100, seed: int = 0, bf16: bool | None = None, log=print) -> dict:
+    """The dict :func:`report` prints, from ``rounds`` alternating rounds of the contenders and
+    matmuls on uint8 ``[N, 3, 32, 32]`` images, int64 ``[N]`` labels (CPU; N and images_per_round
+    in whole batches). ``bf16``: None = where native. Raises ConfigError: N < batch_size."""
     device = torch.device(device)
     native = native_bf16(device)
     bf16 = native if bf16 is None else bf16
     config = make_config("lab", batch_size=batch_size, seed=seed)
     n = len(labels) - len(labels) % batch_size
     if n == 0:
-        raise ConfigError(f"the bench needs at least one batch of {batch_size} images, got {len(labels)}")
-    images, labels = images[:n], labels[:n]
+        raise ConfigError(f"the bench needs a batch of {batch_size} images, got {len(labels)}")
     per_round = math.ceil(images_per_round / batch_size) * batch_size
-    log(f"bench: LabCNN, Adam lr {config.lr} weight decay {config.weight_decay}, batch {batch_size}, "
-        f"cross-entropy, {n} images, device {describe_device(device)}")
-    log(f"{rounds} round(s) of {per_round} images per contender, contenders alternating; fastest round reported")
-    contenders, warm = make_contenders(images, labels, config, device, seed, min(per_round, n), compile, bf16, log)
-    speeds = {name: [] for name in contenders}
+    log(f"bench: LabCNN, lab recipe, batch {batch_size}, {n} images, {describe_device(device)}; "
+        f"{rounds} round(s) of {per_round} images per contender, fastest round reported")
+    contenders, warm = {}, {}
+    for name in list(NAMES)[:5 if bf16 else 3]:
+        start = time.perf_counter()
+        contenders[name] = contender(name, images[:n], labels[:n], config, device, seed, per_round)
+        timed(device, contenders[name], batch_size * WARMUP_STEPS)
+        warm[name] = round(time.perf_counter() - start, 2)
+    log(f"warm-up ({WARMUP_STEPS} steps, with set-up): "
+        + ", ".join(f"{name} {seconds:.1f} s" for name, seconds in warm.items()))
+    matmuls = {p: matmul(device, getattr(torch, p)) for p in ("float32", "bfloat16")[:1 + bf16]}
+    speeds, peaks = {name: [] for name in contenders}, {p: [] for p in matmuls}
     for r in range(1, rounds + 1):
         for name, train in contenders.items():
-            speeds[name].append(throughput(train, per_round, device))
-        log(f"round {r}/{rounds}: " + "  ".join(f"{name} {s[-1]:.0f}" for name, s in speeds.items()) + " images/s")
-    result = summarize(speeds, describe_device(device), per_round, rounds, compile)
+            speeds[name].append(per_round / timed(device, train, per_round))
+        for p, measure in matmuls.items():
+            peaks[p].append(max(measure() for _ in range(3)))  # the fastest of 3 products
+        log(f"round {r}/{rounds}: images/s "
+            + ", ".join(f"{k} {s[-1]:.0f}" for k, s in speeds.items()) + "; matmul GFLOP/s "
+            + ", ".join(f"{p} {s[-1]:.1f}" for p, s in peaks.items()))
+    result = summarize(speeds, peaks, flops_per_image(batch_size))
+    result.update(device=describe_device(device), images_per_round=per_round, rounds=rounds,
+                  warmup_s=warm)
     if not bf16:
-        result["bf16_absent"] = bf16_absence(device)
+        result["bf16_absent"] = "turned off (bf16=False)" if native else bf16_absence(device)
     elif not native:
         result["bf16_emulated"] = True
-    result["warmup_s"] = {name: round(seconds, 2) for name, seconds in warm.items()}
     return result
 
 
-def summarize(speeds: dict, device: str, per_round: int, rounds: int, compile: bool) -> dict:
-    """The result dict of :func:`run` from the per-round images/s of each contender."""
+def summarize(speeds: dict, peaks: dict, flops: float) -> dict:
+    """:func:`run`'s figures from per-round images/s, matmul GFLOP/s and ``flops`` per image."""
     best = {name: max(s) for name, s in speeds.items()}
-    result = {f"{name}_img_s": best[name] for name in ("baseline", "labcnn", "ceiling")}
-    result["speedup_vs_baseline"] = round(best["labcnn"] / best["baseline"], 4)
-    result["fraction_of_ceiling"] = round(best["labcnn"] / best["ceiling"], 4)
+    step = {p: best["labcnn_bf16" if p == "bfloat16" else "labcnn"] * flops / 1e9 for p in peaks}
+    result = {f"{name}_img_s": speed for name, speed in best.items()}
+    result.update(speedup_vs_baseline=round(best["labcnn"] / best["baseline"], 4),
+                  fraction_of_ceiling=round(best["labcnn"] / best["ceiling"], 4))
     if "labcnn_bf16" in best:
-        result.update(labcnn_bf16_img_s=best["labcnn_bf16"], ceiling_bf16_img_s=best["ceiling_bf16"],
-                      fraction_of_ceiling_bf16=round(best["labcnn_bf16"] / best["ceiling_bf16"], 4))
-    fastest = max(best[name] for name in ("labcnn", "labcnn_bf16") if name in best)
-    result["fraction_of_fastest_ceiling"] = round(fastest / max(best[name] for name in ("ceiling", "ceiling_bf16") if name in best), 4)
-    if compile:
-        result["compile_img_s"] = best.get("compile")
-        result["compile_vs_labcnn"] = round(best["compile"] / best["labcnn"], 4) if "compile" in best else None
-    result.update(device=device, images_per_round=per_round, rounds=rounds)
-    result["median_img_s"] = {name: round(statistics.median(s), 1) for name, s in speeds.items()}
+        result["fraction_of_ceiling_bf16"] = round(best["labcnn_bf16"] / best["ceiling_bf16"], 4)
+    top = [max(v for k, v in best.items() if k.startswith(c)) for c in ("labcnn", "ceiling")]
+    result.update(fraction_of_fastest_ceiling=round(top[0] / top[1], 4),
+                  gflop_per_image=flops / 1e9,
+                  matmul_peak_gflop_s={p: round(max(s), 1) for p, s in peaks.items()},
+                  step_gflop_s={p: round(gflop_s, 1) for p, gflop_s in step.items()},
+                  fraction_of_matmul_peak={p: round(step[p] / max(peaks[p]), 4) for p in peaks},
+                  median_img_s={name: round(statistics.median(s), 1) for name, s in speeds.items()})
     return result
-
-
-def compile_break_even(result: dict) -> str:
-    """One line: the compilation time (seconds) against the time it saves per 50,000-image epoch."""
-    extra = result["warmup_s"]["compile"] - result["warmup_s"]["labcnn"]
-    saved = EPOCH_IMAGES / result["labcnn_img_s"] - EPOCH_IMAGES / result["compile_img_s"]
-    if saved <= 0:
-        return f"torch.compile costs {extra:.0f} s to compile and saves nothing per epoch here"
-    return f"torch.compile costs {extra:.0f} s to compile, saves {saved:.1f} s per epoch: pays off after {extra / saved:.1f} epochs"
 
 
 def report(result: dict, log=print) -> None:
-    """Log the table (images/s, seconds per 50,000-image epoch), the ratios, then the JSON line."""
+    """Log the table (images/s, s per 50,000-image epoch), ratios and peaks, then one JSON line."""
     log(f"{'contender':<20} {'best img/s':>10} {'median img/s':>12} {'s/epoch (50k)':>14}")
     for name, median in result["median_img_s"].items():
-        speed = result[f"{name}_img_s"]
-        log(f"{NAMES[name]:<20} {speed:>10.0f} {median:>12.0f} {EPOCH_IMAGES / speed:>14.1f}")
-    log(f"labcnn / baseline = {result['speedup_vs_baseline']:.2f}x (speedup over the tutorial pipeline)")
-    log(f"labcnn / ceiling  = {result['fraction_of_ceiling']:.2f} (fraction of the model-step limit)")
-    if "fraction_of_ceiling_bf16" in result:
-        log(f"labcnn bf16 / ceiling bf16 = {result['fraction_of_ceiling_bf16']:.2f}; fastest path / fastest ceiling = "
-            f"{result['fraction_of_fastest_ceiling']:.2f}")
-    else:
-        log(f"no bfloat16 contenders: {result['bf16_absent']}")
-    if result.get("compile_vs_labcnn") is not None:
-        log(f"compile / labcnn  = {result['compile_vs_labcnn']:.2f}x (torch.compile's gain on labcnn's path)")
-        log(compile_break_even(result))
+        log(f"{NAMES[name]:<20} {result[name + '_img_s']:>10.0f} {median:>12.0f} "
+            f"{50_000 / result[name + '_img_s']:>14.1f}")
+    log(f"labcnn / baseline = {result['speedup_vs_baseline']:.2f}x (speedup over the tutorial)")
+    log(f"labcnn / ceiling  = {result['fraction_of_ceiling']:.2f} (fraction of the step's limit)")
+    log(f"no bfloat16 contenders: {result['bf16_absent']}" if "bf16_absent" in result else
+        f"labcnn bf16 / ceiling bf16 = {result['fraction_of_ceiling_bf16']:.2f}; fastest path"
+        f" / fastest ceiling = {result['fraction_of_fastest_ceiling']:.2f}")
+    log(f"training step: {result['gflop_per_image'] * 1e3:.1f} MFLOP per image (FlopCounterMode)")
+    for p, peak in result["matmul_peak_gflop_s"].items():
+        log(f"{p}: labcnn {result['step_gflop_s'][p]:.1f} GFLOP/s, {MATMUL_SIZE}-square matmul "
+            f"{peak:.1f} GFLOP/s: {result['fraction_of_matmul_peak'][p]:.2f} of the peak")
     log(json.dumps(result))

@@ -1,171 +1,154 @@
-"""Command line: ``python -m labcnn {train,evaluate,summary,filters,gifs,bench} ...``; ``--help`` on each.
+"""Command line: ``python -m labcnn {train,evaluate,verify,filters,gifs,bench,summary} ...``.
 
-A user error (missing data, a bad value or device, a damaged checkpoint, an unwritable folder)
-ends with one line ``error: ...`` on stderr and exit status 2, before anything is written;
-Ctrl-C during training ends with status 130 and a line saying how to resume. Every path option
-expands ``~``.
+One error boundary (:func:`main`): a user error, or any file-system, network or torch I/O error
+that stops a command, ends with one line ``error: ...`` on stderr and exit status 2; a warning
+is one ``warning: ...`` line. Ctrl-C while training ends with status 130 and how to resume.
 """
 from __future__ import annotations
 
 import argparse
-import math
+import json
+import re
 import sys
 import warnings
 from pathlib import Path
 
-from labcnn.config import RECIPES, SEED_MAX
-from labcnn.device import AMP_CHOICES, DEVICE_CHOICES
-from labcnn.errors import LabcnnError
+from labcnn import LabcnnError
+from labcnn.config import AMP_CHOICES, DEVICE_CHOICES, RANGES, RECIPES
 
 
 class Parser(argparse.ArgumentParser):
-    """argparse, with its errors as the project's one line ``error: ...`` and status 2."""
-
-    def error(self, message):
+    def error(self, message):  # argparse's errors as the project's one line, status 2
         self.exit(2, f"error: {self.prog}: {message} (see {self.prog} --help)\n")
 
 
-def path(text: str) -> Path:
-    """A path option: ``~`` expanded, relative to the working directory."""
-    return Path(text).expanduser()
-
-
-def number(kind, low, high=math.inf, low_open=False):
-    """An argparse type for a finite ``kind`` (int or float) in ``[low, high]`` (``(low, high]``
-    with ``low_open``); the error gives the range."""
-    expected = f"{'an integer' if kind is int else 'a finite number'} {'>' if low_open else '>='} {low}"
-    expected += f" and <= {high}" if high != math.inf else ""
-
+def ranged(key: str):
+    """An argparse type reading the option through ``RANGES[key]``: one range table."""
     def parse(text):
         try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
-        if not (math.isfinite(value) and (value > low if low_open else value >= low) and value <= high):
-            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
-        return value
-
+            return RANGES[key].parse(f"--{key.replace('_', '-')}", text)
+        except LabcnnError:  # the value may hold ": ", so the message is built anew
+            raise argparse.ArgumentTypeError(f"expected {RANGES[key].expected()}, "
+                                             f"got {text!r}") from None
     return parse
 
 
-def add_data_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--data-dir", type=path, default=Path("data"), help="folder holding CIFAR-10 in any supported layout (default: data)")
-    parser.add_argument("--download", action="store_true", help="download the official archive if no data is found (needs internet)")
-    parser.add_argument("--download-url", metavar="URL", help="download from this mirror instead of torchvision's official source")
-    parser.add_argument("--no-verify", dest="verify", action="store_false", help="skip MD5 checks of official-layout files")
+def path(text: str) -> Path:
+    return Path(text).expanduser()
 
 
-def add_device_arg(parser: argparse.ArgumentParser) -> None:
+def add_data(parser, verify=True) -> None:
+    parser.add_argument("--data-dir", type=path, default=Path("data"),
+                        help="folder holding CIFAR-10 in any supported layout (default: data)")
+    parser.add_argument("--download", action="store_true",
+                        help="download the official archive if no data is found (needs internet)")
+    parser.add_argument("--download-url", metavar="URL",
+                        help="download from this mirror instead of torchvision's official source")
+    parser.add_argument("--no-verify", dest="verify", action="store_false",
+                        help="skip the MD5 checks of official-layout files")
+
+
+def add_device(parser) -> None:
     parser.add_argument("--device", help=f"{DEVICE_CHOICES} (default: auto, the best available)")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="python -m labcnn", description="The lab's simple CNN for CIFAR-10.")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
-
-    train = commands.add_parser("train", help="train the lab's CNN; resumes when --out holds a checkpoint")
-    add_data_args(train)
-    train.add_argument("--out", required=True, type=path, help="run folder: checkpoint.pt, history.json, loss.png, accuracy.png")
-    train.add_argument("--recipe", default="lab", choices=sorted(RECIPES), help="named settings (default: the lab's)")
-    train.add_argument("--epochs", type=number(int, 1))
-    train.add_argument("--batch-size", type=number(int, 1))
-    train.add_argument("--optimizer", choices=["adam", "adamw", "sgd"], help="default: the recipe's")
-    train.add_argument("--lr", type=number(float, 0, low_open=True))
-    train.add_argument("--weight-decay", type=number(float, 0))
-    train.add_argument("--label-smoothing", type=number(float, 0, 0.999), metavar="EPS", help="cross-entropy label smoothing, 0 to < 1")
-    train.add_argument("--cutout", type=number(int, 0, 32), metavar="PIXELS", help="side of the Cutout square, 0 for none")
-    train.add_argument("--ema", type=number(float, 0, 0.999999), metavar="DECAY", help="decay per step of the weights' moving average, 0 for none")
-    train.add_argument("--whiten", action="store_true", help="start conv1 from whitening filters of the training patches (airbench)")
-    train.add_argument("--seed", type=number(int, 0, SEED_MAX), help="0 to 2**64 - 1 (default: 0)")
-    train.add_argument("--subset", type=number(int, 1), help="train on N training images (the test set stays whole)")
-    train.add_argument("--val-size", type=number(int, 0), help="hold N training images out for validation")
-    add_device_arg(train)
+    train = commands.add_parser("train", help="train; resumes when --out holds a checkpoint")
+    add_data(train)
+    train.add_argument("--out", required=True, type=path,
+                       help="run folder: checkpoint.pt, history.json, loss.png, accuracy.png")
+    train.add_argument("--recipe", default="lab", choices=RECIPES, help="named settings (default: lab)")
+    for key, text in (("epochs", "passes over the training set"), ("batch_size", "images per step"),
+                      ("lr", "learning rate (the peak of a one-cycle schedule)"),
+                      ("weight_decay", "L2 penalty (decoupled for AdamW)"),
+                      ("label_smoothing", "cross-entropy label smoothing, 0 to < 1"),
+                      ("seed", "0 to 2**64 - 1: initialization, order, subset, split"),
+                      ("subset", "train on N training images (the test set stays whole)"),
+                      ("val_size", "hold N training images out for validation")):
+        train.add_argument(f"--{key.replace('_', '-')}", type=ranged(key),
+                           help=f"{text} (default: the recipe's)")
+    add_device(train)
     train.add_argument("--amp", nargs="?", const="auto", choices=AMP_CHOICES,
-                       help="mixed precision. auto (the flag alone): bf16 where native (Ampere+ GPUs, AVX512-BF16/AMX "
-                            "CPUs), else fp16 with a gradient scaler on CUDA; native: bf16 where native, else fp32; "
-                            "'bf16' or 'fp16' force one; off: fp32 (default: the recipe's: off for lab, native for the others)")
-    train.add_argument("--compile", action="store_true", help="train through torch.compile (measure with bench first)")
-
-    evaluate = commands.add_parser("evaluate", help="test loss, accuracy, per-class accuracy and confusion matrix")
-    add_data_args(evaluate)
-    evaluate.add_argument("--checkpoint", required=True, type=path, help="RUN/checkpoint.pt, or a file holding LabCNN's state_dict")
-    evaluate.add_argument("--mean", type=float, nargs=3, metavar="M", help="normalization mean per channel (default: the checkpoint's; the lab's for a state dict)")
-    evaluate.add_argument("--std", type=float, nargs=3, metavar="S", help="normalization std per channel (with --mean)")
-    evaluate.add_argument("--flip-tta", action="store_true", help="average each image with its mirror image")
-    add_device_arg(evaluate)
-
+                       help="mixed precision; the flag alone: auto, bfloat16 where native, else "
+                            "float16 on CUDA, else float32 (default: the recipe's)")
+    evaluate = commands.add_parser("evaluate", help="test loss, accuracy, per class, confusion")
+    add_data(evaluate)
+    evaluate.add_argument("--checkpoint", required=True, type=path,
+                          help="RUN/checkpoint.pt, or a file holding LabCNN's state_dict")
+    evaluate.add_argument("--mean", type=float, nargs=3, metavar="M",
+                          help="normalization mean per channel (default: the checkpoint's)")
+    evaluate.add_argument("--std", type=float, nargs=3, metavar="S", help="with --mean")
+    add_device(evaluate)
+    verify = commands.add_parser("verify", help="re-evaluate a run and check its figures and hashes")
+    verify.add_argument("run", type=path, metavar="RUN_DIR",
+                        help="a run folder, or a weights file with its history NAME.json beside it")
+    add_data(verify)
+    verify.add_argument("--notebook", type=path, help="also check the figures this notebook prints")
     commands.add_parser("summary", help="print the model's per-layer table (torchinfo)")
-
-    filters = commands.add_parser("filters", help="count each convolution's collapsed filters (L2 norm below 0.01)")
-    filters.add_argument("checkpoints", nargs="+", type=path, metavar="CHECKPOINT")
-    filters.add_argument("--json", type=path, metavar="PATH", help="also write the counts as JSON: {checkpoint: {conv: [collapsed, filters]}}")
-
+    filters = commands.add_parser("filters", help="count each convolution's collapsed filters")
+    filters.add_argument("checkpoints", nargs="+", type=path, metavar="CHECKPOINT",
+                         help="RUN/checkpoint.pt, or a file holding LabCNN's state_dict")
+    filters.add_argument("--json", type=path, metavar="PATH", help="also write the counts as JSON")
     gifs = commands.add_parser("gifs", help="write the convolution and max-pooling GIFs")
-    gifs.add_argument("--out", default=Path("Images"), type=path, help="folder for the GIFs (default: Images)")
+    gifs.add_argument("--out", default=Path("Images"), type=path, help="folder (default: Images)")
     gifs.add_argument("--notebook", default=Path("notebooks/lab1_cnn_cifar10.ipynb"), type=path,
-                      help="refresh the GIFs embedded in this notebook, if it exists (default: the lab report)")
-
-    bench = commands.add_parser("bench", help="training images/s: tutorial pipeline vs labcnn's vs the model step alone")
-    bench.add_argument("--data-dir", type=path, metavar="DIR", help="time on CIFAR-10's training split from DIR (default: 10,000 random images)")
-    bench.add_argument("--images-per-round", type=number(int, 1), default=10_000, metavar="N", help="images per contender per round (default: 10000)")
-    bench.add_argument("--rounds", type=number(int, 1), default=5, metavar="N", help="alternating rounds; each contender's fastest is reported (default: 5)")
-    add_device_arg(bench)
-    bench.add_argument("--threads", type=number(int, 1), metavar="N", help="torch CPU threads (default: one per physical core)")
-    bench.add_argument("--compile", action="store_true", help="add labcnn's path under torch.compile as contender (d)")
-    bench.add_argument("--time-to-accuracy", action="store_true",
-                       help="instead, train --recipe on the real data (--data-dir) and report the training seconds to "
-                            "69.26%% test accuracy, images/s and GFLOP/s")
-    bench.add_argument("--recipe", default="fast", choices=sorted(RECIPES), help="with --time-to-accuracy (default: fast)")
-    bench.add_argument("--seed", type=number(int, 0, SEED_MAX), default=0, help="with --time-to-accuracy (default: 0)")
+                      help="refresh the GIF outputs of this notebook, if it exists")
+    bench = commands.add_parser("bench", help="training images/s: tutorial vs labcnn vs model step")
+    bench.add_argument("--data-dir", type=path, help="time on CIFAR-10 from DIR (default: random)")
+    bench.add_argument("--images-per-round", type=ranged("images_per_round"), default=10_000,
+                       metavar="N", help="images per contender per round (default: 10000)")
+    bench.add_argument("--rounds", type=ranged("rounds"), default=5, metavar="N",
+                       help="alternating rounds; each contender's fastest counts (default: 5)")
+    add_device(bench)
     return parser
 
 
 def load_split(args, train: bool):
     from labcnn.data import load_cifar10
 
-    return load_cifar10(args.data_dir, train=train, download=args.download, verify=args.verify, url=args.download_url)
+    return load_cifar10(args.data_dir, train=train, download=args.download, verify=args.verify,
+                        url=args.download_url)
 
 
 def run_train(args) -> None:
-    from labcnn.config import make_config
-    from labcnn.device import select_device, use_physical_cores
+    from labcnn.config import make_config, select_device, set_threads
     from labcnn.train import fit
 
-    use_physical_cores()
-    config = make_config(
-        args.recipe, epochs=args.epochs, batch_size=args.batch_size, optimizer=args.optimizer, lr=args.lr,
-        weight_decay=args.weight_decay, label_smoothing=args.label_smoothing, cutout=args.cutout, ema=args.ema,
-        whiten=args.whiten or None, seed=args.seed, subset=args.subset, val_size=args.val_size, amp=args.amp,
-        compile=args.compile or None,
-    )
+    keys = ("epochs", "batch_size", "lr", "weight_decay", "label_smoothing", "seed", "subset",
+            "val_size", "amp")
+    config = make_config(args.recipe, **{k: getattr(args, k) for k in keys})
+    set_threads()
     device = select_device(args.device)  # checked before any data is loaded
     train_data, test_data = load_split(args, True), load_split(args, False)
-    used = f"; training on a seeded subset of {config.subset}" if config.subset else ""
-    print(f"data: {len(train_data[1])} training and {len(test_data[1])} test images from {args.data_dir}{used}")
+    print(f"data: {len(train_data[1])} training and {len(test_data[1])} test images from {args.data_dir}")
     try:
-        trained = fit(config, train_data, test_data, run_dir=args.out, device=device, log=lambda s: print(s, flush=True))
+        trained = fit(config, train_data, test_data, args.out, device, log=lambda s: print(s, flush=True))
     except KeyboardInterrupt:
-        print(f"\ninterrupted: completed epochs are saved in {args.out}; run the same command to resume", file=sys.stderr)
+        print(f"\ninterrupted: completed epochs are saved in {args.out}; run the same command to "
+              "resume", file=sys.stderr)
         raise SystemExit(130) from None
     last = trained.history[-1]
-    print(f"final test accuracy {last['test_acc']:.2%}, test loss {last['test_loss']:.4f}; results in {args.out}")
+    print(f"final test accuracy {last['test_acc']:.2%}, test loss {last['test_loss']:.4f}; "
+          f"results in {args.out}")
 
 
 def run_evaluate(args) -> None:
     from labcnn.checkpoint import load_trained
+    from labcnn.config import select_device, set_threads
     from labcnn.data import CLASSES
-    from labcnn.device import select_device
-    from labcnn.evaluate import evaluate
-    from labcnn.transforms import Normalization
+    from labcnn.model import Normalization
+    from labcnn.train import evaluate
 
     if (args.mean is None) != (args.std is None):
         raise LabcnnError("--mean and --std go together: give three values for each")
-    device = select_device(args.device)
-    normalization = Normalization(args.mean, args.std) if args.mean else None
-    trained = load_trained(args.checkpoint, device, normalization)
+    set_threads()
+    trained = load_trained(args.checkpoint, select_device(args.device),
+                           Normalization(args.mean, args.std) if args.mean else None)
     print(trained.note)
     images, labels = load_split(args, False)
-    result = evaluate(trained, images, labels, flip_tta=args.flip_tta)
+    result = evaluate(trained, images, labels)
     print(f"test images {len(labels)}  loss {result['loss']:.4f}  top-1 accuracy {result['accuracy']:.2%}")
     for name, acc in zip(CLASSES, result["per_class_accuracy"]):
         print(f"  {name:<10} {acc:7.2%}")
@@ -173,6 +156,65 @@ def run_evaluate(args) -> None:
     print("           " + " ".join(f"{c[:5]:>5}" for c in CLASSES))
     for name, row in zip(CLASSES, result["confusion"].tolist()):
         print(f"{name:<10} " + " ".join(f"{v:5d}" for v in row))
+
+
+def run_verify(args) -> None:
+    from labcnn.checkpoint import CHECKPOINT, HISTORY, load_trained, provenance, read_file
+    from labcnn.train import evaluate
+
+    folder = args.run.is_dir()
+    weights = args.run / CHECKPOINT if folder else args.run
+    history_path = args.run / HISTORY if folder else args.run.with_suffix(".json")
+    trained = load_trained(weights)
+    try:
+        history = json.loads(history_path.read_text())
+        last = history[-1]
+        recorded = {"accuracy": format(last["test_acc"], ".2%"),
+                    "loss": format(last["test_loss"], ".4f")}
+    except (ValueError, LookupError, TypeError) as e:
+        raise LabcnnError(f"{history_path} is not a run's history ({type(e).__name__}: {e}): "
+                          "expected a JSON list of epochs with test_acc and test_loss") from None
+    saved = read_file(weights)
+    problems = []
+    if folder and history != trained.history:
+        problems.append(f"{history_path} differs from the history saved in {weights}")
+    expected_sha = saved.get("history_sha256") if isinstance(saved, dict) else None
+    facts = provenance(trained.model, history)
+    if expected_sha and expected_sha != facts["history sha256"]:
+        problems.append(f"{history_path} differs from the history {weights} was saved with")
+    result = evaluate(trained, *load_split(args, False))
+    for name, key, form in (("test accuracy", "accuracy", ".2%"), ("test loss", "loss", ".4f")):
+        now = format(result[key], form)
+        print(f"final {name} {now} (recorded at epoch {last.get('epoch')}: {recorded[key]})")
+        if now != recorded[key]:
+            problems.append(f"the {name} of the weights is {now}, the history says {recorded[key]}")
+    for name, value in facts.items():
+        print(f"{name} {value}")
+    if args.notebook is not None:
+        problems += notebook_mismatches(args.notebook, format(result["accuracy"], ".2%"), facts)
+    for problem in problems:
+        print(f"MISMATCH: {problem}")
+    print("verified" if not problems else f"{len(problems)} mismatch(es)")
+    if problems:
+        raise SystemExit(1)
+
+
+def notebook_mismatches(notebook: Path, accuracy: str, facts: dict) -> list[str]:
+    """What the notebook's outputs print that differs from the run's figures and hashes."""
+    try:
+        cells = json.loads(notebook.read_text())["cells"]
+        text = "".join("".join(o.get("text", "")) for c in cells for o in c.get("outputs", []))
+    except (ValueError, LookupError, TypeError, AttributeError) as e:
+        raise LabcnnError(f"{notebook} is not a Jupyter notebook ({type(e).__name__})") from None
+    problems = []
+    printed = re.findall(r"final test accuracy (\d+\.\d\d%)", text)
+    if not printed or any(p != accuracy for p in printed):
+        problems.append(f"{notebook} prints final test accuracy {printed or 'nowhere'}, the run has {accuracy}")
+    for name, value in facts.items():
+        found = re.findall(rf"{name} ([0-9a-f]+)", text)
+        if found and any(f != value for f in found):
+            problems.append(f"{notebook} prints {name} {found[0]}, the run has {value}")
+    return problems
 
 
 def run_summary(args) -> None:
@@ -196,61 +238,46 @@ def run_filters(args) -> None:
 
 
 def run_gifs(args) -> None:
-    from labcnn.animations import attach_gifs, make_gifs
+    from labcnn.animations import make_gifs, refresh_notebook
 
     gifs = make_gifs(args.out)
     for gif in gifs:
         print(f"wrote {gif} ({gif.stat().st_size / 1024:.0f} KiB)")
-    if args.notebook.is_file() and attach_gifs(args.notebook, gifs):
-        print(f"refreshed the GIFs embedded in {args.notebook}")
+    try:
+        if args.notebook.is_file() and refresh_notebook(args.notebook, gifs):
+            print(f"refreshed the GIF outputs of {args.notebook}")
+    except ValueError as e:  # not a notebook, or none of its cells shows a GIF
+        raise LabcnnError(str(e)) from None
 
 
 def run_bench(args) -> None:
     from labcnn import bench
+    from labcnn.config import select_device, set_threads
     from labcnn.data import load_cifar10
-    from labcnn.device import select_device, use_physical_cores
 
+    set_threads()
     device = select_device(args.device)
-    use_physical_cores(args.threads)
-    if args.time_to_accuracy:
-        return run_time_to_accuracy(args, device)
     if args.data_dir:
         images, labels = load_cifar10(args.data_dir, train=True)
         print(f"data: {len(labels)} CIFAR-10 training images from {args.data_dir}")
     else:
         images, labels = bench.random_data()
-        print(f"data: {len(labels)} random uint8 images with random labels (no --data-dir; timings do not depend on pixel values)")
+        print(f"data: {len(labels)} random images (no --data-dir; timings do not depend on pixels)")
     result = bench.run(images, labels, device, args.images_per_round, args.rounds,
-                       compile=args.compile, log=lambda s: print(s, flush=True))
+                       log=lambda s: print(s, flush=True))
     bench.report(result)
 
 
-def run_time_to_accuracy(args, device) -> None:
-    from labcnn import time_to_accuracy
-    from labcnn.config import make_config
-    from labcnn.data import load_cifar10
-    from labcnn.errors import ConfigError
-
-    if not args.data_dir:
-        raise ConfigError("--time-to-accuracy trains on real CIFAR-10: give --data-dir DIR (random images never reach an accuracy)")
-    train_data, test_data = load_cifar10(args.data_dir, train=True), load_cifar10(args.data_dir, train=False)
-    print(f"data: {len(train_data[1])} training and {len(test_data[1])} test images from {args.data_dir}")
-    config = make_config(args.recipe, seed=args.seed)
-    result = time_to_accuracy.time_to_accuracy(config, train_data, test_data, device=device, log=lambda s: print(s, flush=True))
-    time_to_accuracy.report(result)
-
-
-COMMANDS = {"train": run_train, "evaluate": run_evaluate, "summary": run_summary, "filters": run_filters, "gifs": run_gifs,
-            "bench": run_bench}
+COMMANDS = {"train": run_train, "evaluate": run_evaluate, "verify": run_verify, "summary": run_summary,
+            "filters": run_filters, "gifs": run_gifs, "bench": run_bench}
 
 
 def show_warning(message, category, filename, lineno, file=None, line=None) -> None:
-    """Warnings as one ``warning: ...`` line on stderr (no source line), for the command line only."""
     print(f"warning: {message}", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the command line; returns the exit status."""
+    """Run the command line; returns the exit status (0, 1 for a failed verify, 2, 130)."""
     args = build_parser().parse_args(argv)
     with warnings.catch_warnings():  # restores the process's warning display afterwards
         warnings.showwarning = show_warning
@@ -259,7 +286,11 @@ def main(argv: list[str] | None = None) -> int:
         except LabcnnError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
-        except KeyboardInterrupt:  # outside training (run_train reports where to resume)
+        except OSError as e:  # file system, network: name the path, never a traceback
+            where = f"{e.filename}: " if e.filename else ""
+            print(f"error: {where}{e.strerror or e}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
             print("\ninterrupted", file=sys.stderr)
             return 130
     return 0

@@ -1,55 +1,62 @@
-"""Every file and folder labcnn writes goes through here: one atomic writer, one staged folder, one
-run-folder lock. Callers decide only how to report a failure (an error, or a warning and go on).
+"""Every file and folder labcnn writes goes through here: one atomic writer, one staged folder,
+one run-folder lock, one warning per optional write that fails.
 
-The writer's policy: write a uniquely named hidden temporary file in the target's folder, flush
-and ``fsync`` it, then ``os.replace`` it onto the target. A crash, kill, Ctrl-C or full disk at
-any point leaves the previous file in place (a kill may leave a ``.NAME.*.tmp`` file, which is
-never read). Two processes writing the same file never share a temporary file; the last rename wins.
+The writer writes a hidden temporary file in the target's folder, flushes and ``fsync``s it,
+then ``os.replace``s it onto the target: a crash, kill or full disk at any point leaves the
+previous file whole (a kill may leave a ``.NAME.*.tmp`` file, which is never read).
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
 import tempfile
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
-from labcnn.errors import RunFolderBusy, WriteError
+from labcnn import RunFolderBusy, WriteError
 
-try:  # POSIX (Linux, macOS): the kernel releases the lock when the process dies
+try:  # POSIX: the kernel releases a flock when its process dies, so no lock is left stuck
     import fcntl
-except ImportError:  # Windows: a lock file, best effort (a crash leaves it; see run_lock)
+except ImportError:  # Windows: no lock (one warning)
     fcntl = None
 
 LOCK = ".lock"
+# flock on NFS without lockd, Lustre/GPFS without flock, some FUSE mounts: no locks there.
+NO_LOCKS = {errno.ENOLCK, errno.ENOSYS, errno.EBADF, errno.EOPNOTSUPP, errno.EINVAL}
+_warned: set[str] = set()
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-FILE_MODE = 0o666 & ~_umask()  # what open() would give; mkstemp alone gives 0o600
+def warn_once(message: str) -> None:
+    """``warnings.warn(message)`` the first time this process meets ``message``; then silence."""
+    if message not in _warned:
+        _warned.add(message)
+        warnings.warn(message, UserWarning, stacklevel=2)
 
 
 def reason(error: BaseException) -> str:
-    """``error`` in a few words: an OSError's ``strerror`` (``No space left on device``), else
-    the first line of its message (``torch.save`` raises RuntimeError with a long text)."""
+    """``error`` in a few words: an OSError's ``strerror``, else its message's first line."""
     if isinstance(error, OSError) and error.strerror:
         return error.strerror
     text = str(error).strip()
     return text.splitlines()[0] if text else type(error).__name__
 
 
+_MASK = os.umask(0)  # read once, at import: umask() sets it for every thread of the process
+os.umask(_MASK)
+FILE_MODE = 0o666 & ~_MASK  # what open() gives; mkstemp alone gives 0o600
+
+
 def atomic_write(path, write) -> None:
-    """Create ``path`` by calling ``write(f)`` on a binary file object, atomically (see the module).
+    """Create ``path`` by calling ``write(f)`` on a binary file, atomically (see the module).
+
+    A file system that refuses ``chmod`` (FAT, exFAT, SMB) keeps its own modes: not an error.
 
     Raises:
         WriteError: the folder is missing or unwritable, the disk is full, or ``write`` raised
-            OSError or RuntimeError (``torch.save`` reports a full disk as RuntimeError). The
-            error names ``path`` and says whether a previous version of it is kept.
+            OSError or RuntimeError (``torch.save`` reports a full disk so). Names ``path``.
     """
     path = Path(path)
     try:
@@ -57,8 +64,10 @@ def atomic_write(path, write) -> None:
     except OSError as e:
         raise WriteError(path, reason(e)) from None
     try:
-        if hasattr(os, "fchmod"):  # not on Windows, where the mode does not apply
-            os.fchmod(fd, FILE_MODE)
+        try:
+            os.chmod(tmp, FILE_MODE)
+        except OSError:
+            pass  # the mode is a courtesy; never a reason to lose the file
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
@@ -72,8 +81,7 @@ def atomic_write(path, write) -> None:
 
 
 def write_json(path, value) -> None:
-    """Write ``value`` as strict JSON (``NaN`` and infinities refused with ValueError) through
-    :func:`atomic_write`."""
+    """``value`` as strict JSON (NaN and infinities raise ValueError), through :func:`atomic_write`."""
     text = json.dumps(value, indent=1, allow_nan=False) + "\n"
     atomic_write(path, lambda f: f.write(text.encode()))
 
@@ -90,13 +98,9 @@ def make_dir(folder) -> Path:
 
 @contextmanager
 def staged_dir(target):
-    """Yield an empty hidden folder beside ``target``; when the block succeeds, rename it to
-    ``target``. On error the folder is removed, so nothing partial is ever at ``target``.
-
-    When another process put ``target`` in place first (two notebooks preparing one data folder),
-    its copy is kept and this one dropped. Raises :class:`WriteError` when the scratch folder
-    cannot be made.
-    """
+    """Yield an empty hidden folder beside ``target``, renamed to ``target`` when the block
+    succeeds and removed otherwise: a folder appears whole or not at all. When another process
+    put ``target`` in place first, its copy is kept. Raises :class:`WriteError`."""
     target = Path(target)
     try:
         scratch = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
@@ -115,43 +119,33 @@ def staged_dir(target):
 
 @contextmanager
 def run_lock(folder):
-    """Hold ``folder``'s lock for the block; a second process asking for it is refused at once.
+    """Hold ``folder``'s lock (``fcntl.flock`` on ``folder/.lock``) for the block.
 
-    ``fcntl.flock`` on Linux and macOS: the kernel drops the lock when its process ends, crash
-    or kill included, so no lock is ever left stuck. Elsewhere an exclusively created lock file,
-    removed at the end of the block (a crash leaves it: the message says to delete it).
+    Where the file system has no locks (NFS without lockd, Lustre or GPFS without flock) or the
+    lock file cannot be made, the run goes on unlocked after one warning.
 
     Raises:
         RunFolderBusy: another process holds the lock.
-        WriteError: the lock file cannot be created.
+        WriteError: ``flock`` failed otherwise (an I/O error); names the lock file.
     """
     lock = Path(folder) / LOCK
-    if fcntl is None:
-        yield from _lock_file(lock)
-        return
     try:
-        handle = open(lock, "a")
+        handle = open(lock, "a") if fcntl is not None else None
     except OSError as e:
-        raise WriteError(lock.parent, reason(e)) from None
+        handle = None
+        warn_once(f"cannot lock {folder} ({reason(e)}): make sure no other run trains into it")
+    if handle is None:
+        yield
+        return
     with handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise RunFolderBusy(f"{folder} is in use by another training process: wait for it to end, or choose another --out folder") from None
+            raise RunFolderBusy(f"{folder} is in use by another training process: wait for it "
+                                "to end, or choose another --out folder") from None
+        except OSError as e:
+            if e.errno not in NO_LOCKS:
+                raise WriteError(lock, reason(e)) from None
+            warn_once(f"cannot lock {folder} ({reason(e)}; this file system has no locks): "
+                      "make sure no other run trains into it")
         yield
-
-
-def _lock_file(lock: Path):
-    try:
-        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-    except FileExistsError:
-        raise RunFolderBusy(
-            f"{lock.parent} is in use by another training process (if none is running, a crashed run left {lock}: delete it)"
-        ) from None
-    except OSError as e:
-        raise WriteError(lock.parent, reason(e)) from None
-    os.close(fd)
-    try:
-        yield
-    finally:
-        lock.unlink(missing_ok=True)

@@ -1,312 +1,230 @@
-"""Figures for the report, drawn with matplotlib's object API (no display needed).
-
-Every ``plot_*`` function returns a ``matplotlib.figure.Figure``. With ``path`` it also writes
-the figure as PNG through :func:`labcnn.fileio.atomic_write` (the folder is made if missing);
-a failed write raises :class:`labcnn.errors.WriteError`, left for the caller to handle.
-Images are uint8 ``[N, 3, H, W]`` tensors; labels and predictions integer ``[N]`` class indices.
-"""
-from __future__ import annotations
-
+"""The report's figures (pyplot-free ``Figure`` objects), their display, the committed runs and
+their statistics. Images are uint8 ``[N, 3, H, W]``, labels int64 ``[N]``, accuracies fractions."""
+import io
+import json
+import math
+import statistics
 from pathlib import Path
 
-import matplotlib
 import torch
 from matplotlib.figure import Figure
-from matplotlib.patches import Rectangle
 from matplotlib.ticker import MaxNLocator
 
+import labcnn
 from labcnn.data import CLASSES
 from labcnn.fileio import atomic_write, make_dir
 from labcnn.model import COLLAPSE_NORM, filter_norms
 
-METRICS = {"loss": ("loss", "cross-entropy loss (nats per image)"), "accuracy": ("acc", "top-1 accuracy (%)")}
-SPLITS = {  # history key prefix -> legend label (the train figures are not an evaluation)
-    "train": "train (running mean over the epoch, train mode)",
-    "val": "validation (eval mode)",
-    "test": "test (eval mode)",
+METRICS = {"loss": ("loss", "cross-entropy loss (nats per image)", 1.0),
+           "accuracy": ("acc", "top-1 accuracy (%)", 100.0)}
+SPLITS = {"train": "train (running mean over the epoch, train mode)",  # not an evaluation
+          "val": "validation (eval mode)", "test": "test (eval mode)"}
+RED = "firebrick"  # collapsed filters
+# The original lab report's figures (value, what it measured): means over its 50 epochs.
+ORIGINAL = {
+    "test_acc": (0.6926, "mean over epochs of the last test batch's accuracy (100 images)"),
+    "train_acc": (0.6742, "mean over epochs of the last training batch's accuracy"),
+    "train_loss": (0.00907, "mean over epochs of summed batch-mean losses / images (loss / 100)"),
+    "test_loss": (0.00946, "the same on the test set: about a per-image loss / 100"),
 }
-OVERLAY_STYLES = {"train": ":", "val": "--", "test": "-"}
-ERROR_COLOR = "firebrick"
+RESULTS_PLACES = "the imported labcnn's checkout, this folder and its parents, ./labcnn, ../labcnn"
 
+def save(fig: Figure, path) -> None:
+    """Write ``fig`` as PNG to ``path`` atomically, making its folder; WriteError names the path."""
+    make_dir(Path(path).parent)
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
 
-def save(fig: Figure, path, dpi: int = 100) -> Figure:
-    """Write ``fig`` as PNG to ``path`` (skipped when ``path`` is None) and return it.
+def save_curves(folder, history: list[dict]) -> None:
+    """Write ``folder/loss.png`` and ``folder/accuracy.png`` (:func:`plot_curves`)."""
+    for metric in ("loss", "accuracy"):
+        save(plot_curves(history, metric), Path(folder) / f"{metric}.png")
 
-    Raises:
-        WriteError: the folder cannot be made or the file cannot be written; a previous file at
-            ``path`` is kept.
-    """
-    if path is not None:
-        path = Path(path)
-        make_dir(path.parent)
-        atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=dpi, bbox_inches="tight"))
+def show(fig: Figure, alt: str) -> None:
+    """Display ``fig`` in a notebook as a PNG output whose metadata carries ``alt`` text."""
+    from IPython.display import Image, display
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
+    display(Image(data=buffer.getvalue(), format="png", metadata={"alt": alt}))
+
+def plot_curves(history: list[dict], metric: str = "loss") -> Figure:
+    """Train, validation (if present) and test ``metric`` per epoch of one run's history."""
+    return plot_compare({f"{metric.capitalize()} per epoch": history}, metric)
+
+def plot_compare(runs: dict[str, list[dict]], metric: str = "accuracy") -> Figure:
+    """One panel per run (``{title: history}``, in order), one shared y axis. ``metric``: ``"loss"``
+    (nats per image) or ``"accuracy"`` (in percent); ValueError for others or empty histories."""
+    if metric not in METRICS or not runs or not all(runs.values()):
+        raise ValueError(f"expected histories and metric 'loss' or 'accuracy', got {metric!r}")
+    key, ylabel, scale = METRICS[metric]
+    fig = Figure(figsize=(1.2 + 5.2 * len(runs), 4.2), layout="constrained")
+    axes = fig.subplots(1, len(runs), sharey=True, squeeze=False)[0]
+    for ax, (title, history) in zip(axes, runs.items()):
+        epochs = [r["epoch"] for r in history]
+        for split, label in SPLITS.items():
+            if f"{split}_{key}" in history[0]:
+                ax.plot(epochs, [r[f"{split}_{key}"] * scale for r in history], ".-", label=label)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))  # whole epochs
+        ax.set(title=title, xlabel="epoch", ylabel=ylabel)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
     return fig
 
+def _tiles(nrows: int, ncols: int, width: float, height: float) -> tuple[Figure, list]:
+    fig = Figure(figsize=(width, height), layout="constrained")
+    axes = fig.subplots(nrows, ncols, squeeze=False, subplot_kw=dict(xticks=[], yticks=[]))
+    for ax in axes.flat:
+        ax.spines[:].set_visible(False)
+    return fig, axes
 
-def _metric(metric: str) -> tuple[str, str, float]:
-    if metric not in METRICS:
-        raise ValueError(f"unknown metric {metric!r}: expected one of {sorted(METRICS)}")
-    key, ylabel = METRICS[metric]
-    return key, ylabel, 100.0 if metric == "accuracy" else 1.0
-
-
-def _draw_curves(ax, history: list[dict], metric: str, run: str | None = None, color=None) -> None:
-    """Draw every split of ``history`` that has ``metric`` on ``ax``; ``run`` prefixes the labels
-    and, with ``color``, gives one colour per run and one line style per split."""
-    if not history:
-        raise ValueError("empty history: nothing to plot")
-    key, ylabel, scale = _metric(metric)
-    epochs = [r["epoch"] for r in history]
-    for split, label in SPLITS.items():
-        if f"{split}_{key}" in history[0]:
-            style = dict(color=color, linestyle=OVERLAY_STYLES[split]) if color else {}
-            ax.plot(epochs, [r[f"{split}_{key}"] * scale for r in history], marker=".",
-                    label=label if run is None else f"{run}: {label}", **style)
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))  # whole epochs, even on 1-epoch runs
-    ax.set(xlabel="epoch", ylabel=ylabel)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-
-
-def plot_curves(history: list[dict], metric: str = "loss", path=None, title: str | None = None) -> Figure:
-    """Train, validation (when present) and test ``metric`` per epoch of one run.
-
-    ``history``: :func:`labcnn.train.fit`'s list of per-epoch dicts (``epoch``, ``train_loss``,
-    ``train_acc``, ``test_loss``, ``test_acc``, optionally ``val_loss``, ``val_acc``; accuracies
-    as fractions). ``metric``: ``"loss"`` (nats per image) or ``"accuracy"`` (drawn in percent).
-    The train curve is the running mean over each epoch's batches in train mode, not an
-    evaluation. Epoch ticks are whole numbers. Raises ValueError for an unknown metric or an
-    empty history.
-    """
-    fig = Figure(figsize=(6.4, 4.2))
-    ax = fig.subplots()
-    _draw_curves(ax, history, metric)
-    ax.set_title(title or f"{metric.capitalize()} per epoch")
-    return save(fig, path)
-
-
-def plot_compare(histories: dict[str, list[dict]], metric: str = "accuracy", overlay: bool = False,
-                 path=None, title: str | None = None) -> Figure:
-    """Several runs' curves for comparison, e.g. ``{"lab recipe": lab, "improved recipe": improved}``
-    loaded from ``results/*.json``.
-
-    Each history is as for :func:`plot_curves`. Side by side (one panel per run, in the dict's
-    order, shared y axis), or with ``overlay`` on one panel: one colour per run, line style per
-    split (train dotted, validation dashed, test solid). Raises ValueError for no runs, an
-    unknown metric or an empty history.
-    """
-    if not histories:
-        raise ValueError("no histories to compare")
-    panels = 1 if overlay else len(histories)
-    fig = Figure(figsize=(6.4 if overlay else 5.2 * panels, 4.4), layout="constrained")
-    axes = fig.subplots(1, panels, sharey=True, squeeze=False)[0]
-    for i, (run, history) in enumerate(histories.items()):
-        if overlay:
-            _draw_curves(axes[0], history, metric, run=run, color=f"C{i}")
-        else:
-            _draw_curves(axes[i], history, metric)
-            axes[i].set_title(run)
-    fig.suptitle(title or f"{metric.capitalize()} per epoch: " + " vs ".join(histories))
-    return save(fig, path)
-
-
-def plot_images(images: torch.Tensor, titles: list[str], ncols: int = 8, path=None, colors=None,
-                title: str | None = None) -> Figure:
-    """A grid of uint8 ``[N, 3, H, W]`` images, ``ncols`` per row, with one title each (in
-    ``colors[i]`` when given) and an optional figure ``title``."""
-    nrows = max(1, -(-len(images) // ncols))
-    fig = Figure(figsize=(1.35 * ncols, 1.6 * nrows + (0.4 if title else 0)), layout="constrained")
-    axes = fig.subplots(nrows, ncols, squeeze=False)
-    for i, ax in enumerate(axes.flat):
-        ax.set_axis_off()
-        if i < len(images):
+def plot_examples(images: torch.Tensor, labels: torch.Tensor, per_class: int = 4) -> Figure:
+    """One class per row (``CLASSES`` order, its name at the row's start), ``per_class`` columns:
+    the class's first ``per_class`` images in stored order (blank tiles where it has fewer)."""
+    fig, axes = _tiles(len(CLASSES), per_class, 1.1 * per_class + 1.2, 1.1 * len(CLASSES))
+    for c, row in enumerate(axes):
+        row[0].set_ylabel(CLASSES[c], rotation=0, ha="right", va="center")
+        for ax, i in zip(row, (labels.cpu() == c).nonzero().flatten().tolist()):
             ax.imshow(images[i].permute(1, 2, 0).cpu().numpy())
-            ax.set_title(titles[i], fontsize=8, color=colors[i] if colors else "black")
-    if title:
-        fig.suptitle(title, fontsize=10)
-    return save(fig, path)
+    return fig
 
+def plot_per_class(per_class_accuracy) -> Figure:
+    """Horizontal bars of each class's test accuracy (10 fractions, drawn in percent)."""
+    fig = Figure(figsize=(6.4, 3.8), layout="constrained")  # the layout keeps names uncut
+    ax = fig.subplots()
+    bars = ax.barh(CLASSES, [100 * float(a) for a in per_class_accuracy], color="steelblue")
+    ax.bar_label(bars, fmt="%.1f", padding=2, fontsize=8)
+    ax.invert_yaxis()
+    ax.set(xlabel="top-1 accuracy (%)", xlim=(0, 108), title="Test accuracy per class")
+    return fig
 
-def plot_examples(images, labels, per_class: int = 4, path=None) -> Figure:
-    """The first ``per_class`` images (uint8 ``[N, 3, H, W]``) of each class (``labels`` int
-    ``[N]``), one class after the other, ``2 * per_class`` per row, titled with the class name."""
-    index = torch.cat([(labels == c).nonzero().flatten()[:per_class] for c in range(len(CLASSES))])
-    return plot_images(images[index], [CLASSES[i] for i in labels[index]], ncols=per_class * 2, path=path)
+def plot_confusion(confusion: torch.Tensor) -> Figure:
+    """The confusion matrix (int64 ``[10, 10]``, rows true class, columns predicted), counted."""
+    fig = Figure(figsize=(7.5, 6.5), layout="constrained")
+    ax = fig.subplots()
+    fig.colorbar(ax.imshow(confusion.cpu().numpy(), cmap="Blues"), ax=ax, label="test images")
+    ax.set_xticks(range(10), CLASSES, rotation=45, ha="right", rotation_mode="anchor")
+    ax.set_yticks(range(10), CLASSES)
+    ax.set(xlabel="predicted class", ylabel="true class", title="Confusion matrix (test set)")
+    for i, row in enumerate(confusion.tolist()):
+        for j, n in enumerate(row):
+            ax.text(j, i, n, ha="center", va="center", fontsize=7,
+                    color="white" if n > confusion.max() / 2 else "black")
+    return fig
 
+def plot_confident_errors(images, labels, predictions, confidence, count: int = 16) -> Figure:
+    """The ``count`` errors with the highest ``confidence`` (float ``[N]``, softmax probability of
+    the prediction), most confident first (ties: lower index), titled ``true -> predicted (p)``."""
+    wrong = (predictions != labels).nonzero().flatten()
+    order = torch.sort(confidence.detach()[wrong], descending=True, stable=True).indices
+    chosen = wrong[order[:count]].tolist()
+    rows = max(1, -(-len(chosen) // 8))
+    fig, axes = _tiles(rows, 8, 10.8, 1.6 * rows + 0.4)
+    for ax, i in zip(axes.flat, chosen):
+        ax.imshow(images[i].permute(1, 2, 0).cpu().numpy())
+        ax.set_title(f"{CLASSES[labels[i]]}\n-> {CLASSES[predictions[i]]} ({confidence[i]:.1%})",
+                     fontsize=8)
+    fig.suptitle("Most confident errors, true -> predicted (probability of the prediction): "
+                 f"{len(chosen)} of {len(wrong)}", fontsize=10)
+    return fig
 
-def _errors(labels: torch.Tensor, predictions: torch.Tensor) -> torch.Tensor:
-    return (predictions.cpu() != labels.cpu()).nonzero().flatten()
-
-
-def sample_errors(labels: torch.Tensor, predictions: torch.Tensor, count: int = 16, seed: int = 0) -> torch.Tensor:
-    """Indices (int64 ``[min(count, errors)]``, ascending) of misclassified images
-    (``predictions != labels``), drawn uniformly without replacement by ``torch.randperm``
-    with a CPU generator seeded ``seed``: the same inputs and seed give the same sample."""
-    wrong = _errors(labels, predictions)
-    order = torch.randperm(len(wrong), generator=torch.Generator().manual_seed(seed))
-    return wrong[order[:count]].sort().values
-
-
-def most_confident_errors(labels, predictions, confidence: torch.Tensor, count: int = 16) -> torch.Tensor:
-    """Indices (int64 ``[min(count, errors)]``) of the misclassified images with the highest
-    ``confidence`` (float ``[N]``, the softmax probability of the predicted class), most
-    confident first; ties keep the lower index first."""
-    wrong = _errors(labels, predictions)
-    order = torch.sort(confidence.detach().cpu()[wrong], descending=True, stable=True).indices
-    return wrong[order[:count]]
-
-
-def _plot_errors(images, labels, predictions, index, title, path, confidence=None) -> Figure:
-    """Tiles ``index`` titled ``true -> predicted`` (``(confidence)``); ``title`` is formatted
-    with ``shown`` and ``errors`` (counts)."""
-    title = title.format(shown=len(index), errors=len(_errors(labels, predictions)))
-    titles = [f"{CLASSES[int(labels[i])]}\n-> {CLASSES[int(predictions[i])]}"
-              + ("" if confidence is None else f" ({float(confidence[i]):.1%})") for i in index]
-    return plot_images(images[index], titles, path=path, colors=[ERROR_COLOR] * len(index), title=title)
-
-
-def plot_misclassified(images, labels, predictions, count: int = 16, seed: int = 0, path=None) -> Figure:
-    """A seeded random sample of misclassified images, each titled ``true -> predicted``.
-
-    ``images``: uint8 ``[N, 3, H, W]``; ``labels``, ``predictions``: int ``[N]`` class indices.
-    Draws exactly the images :func:`sample_errors` picks (``count`` of all the errors, or all of
-    them if fewer, uniformly at random with ``seed``), in test-set order; the figure title says so.
-    """
-    title = f"Misclassified, true -> predicted: {{shown}} drawn at random (seed {seed}) from {{errors}} errors"
-    return _plot_errors(images, labels, predictions, sample_errors(labels, predictions, count, seed), title, path)
-
-
-def plot_confident_errors(images, labels, predictions, confidence, count: int = 16, path=None) -> Figure:
-    """The ``count`` most confident errors, each titled ``true -> predicted (confidence %)``.
-
-    ``images``, ``labels``, ``predictions`` as for :func:`plot_misclassified`; ``confidence``:
-    float ``[N]``, the softmax probability (0 to 1) of each image's predicted class (as
-    :func:`labcnn.evaluate.evaluate` returns it). Draws exactly the images
-    :func:`most_confident_errors` picks, most confident first.
-    """
-    index = most_confident_errors(labels, predictions, confidence, count)
-    title = "Most confident errors, true -> predicted (probability of the prediction): {shown} of {errors}"
-    return _plot_errors(images, labels, predictions, index, title, path, confidence)
-
-
-def _filter_mosaics(w: torch.Tensor) -> torch.Tensor:
-    """``[C_out, C_in, k, k]`` -> ``[C_out, k, C_in * (k + 1) - 1]``: channels side by side, NaN between."""
-    gap = torch.full((w.shape[0], w.shape[2], 1), float("nan"))
-    return torch.cat([torch.cat([w[:, c], gap], dim=2) for c in range(w.shape[1])], dim=2)[:, :, :-1]
-
-
-def plot_filters(weight: torch.Tensor, path=None, threshold: float = COLLAPSE_NORM, ncols: int = 8) -> Figure:
-    """Every filter of a convolution ``weight`` ``[C_out, C_in, k, k]`` (float), on ONE colour scale.
-
-    Each filter is a row of ``C_in`` ``k x k`` tiles (R, G, B for the first layer), coloured with
-    the diverging ``RdBu_r`` map from ``-m`` (blue) through 0 (white) to ``+m`` (red), where ``m``
-    is the largest absolute weight of the whole layer; a colour bar gives the scale. Under each
-    filter: its L2 norm (:func:`filter_norms`); filters with a norm below ``threshold`` are
-    labelled and outlined in red as collapsed. Raises ValueError unless ``weight`` is 4-D.
-    """
-    norms = filter_norms(weight)
+def plot_filters(weight: torch.Tensor, ncols: int = 8) -> Figure:
+    """Each filter of ``weight`` (float ``[C_out, C_in, k, k]``): channels side by side, ONE colour
+    scale for the layer, titled ``index: L2 norm``; collapsed ones (< COLLAPSE_NORM) in red."""
+    norms = filter_norms(weight)  # ValueError unless 4-D
     w = weight.detach().float().cpu()
+    gap = torch.full((len(w), w.shape[2], 1), float("nan"))  # a blank column between channels
+    mosaics = torch.cat([torch.cat([w[:, c], gap], dim=2) for c in range(w.shape[1])], 2)[..., :-1]
     m = w.abs().max().item() or 1.0  # an all-zero layer still gets a symmetric scale
     nrows = -(-len(w) // ncols)
-    fig = Figure(figsize=(1.45 * ncols + 1, nrows * (0.2 * w.shape[2] + 0.5) + 0.5), layout="constrained")
-    axes = fig.subplots(nrows, ncols, squeeze=False)
-    cmap = matplotlib.colormaps["RdBu_r"].with_extremes(bad="white")
-    for i, (ax, mosaic) in enumerate(zip(axes.flat, _filter_mosaics(w))):
-        image = ax.imshow(mosaic.numpy(), cmap=cmap, vmin=-m, vmax=m)
-        collapsed = bool(norms[i] < threshold)
-        ax.set_title(str(i), fontsize=8)
-        ax.text(0.5, -0.12, f"{norms[i]:.2g}", transform=ax.transAxes, ha="center", va="top", fontsize=8,
-                color=ERROR_COLOR if collapsed else "black", fontweight="bold" if collapsed else "normal")
-        if collapsed:
-            ax.add_patch(Rectangle((0, 0), 1, 1, transform=ax.transAxes, fill=False, edgecolor=ERROR_COLOR,
-                                   linewidth=2, linestyle="--", clip_on=False))
-    for ax in axes.flat:
-        ax.set_axis_off()
+    fig, axes = _tiles(nrows, ncols, 1.45 * ncols + 1, nrows * (0.2 * w.shape[2] + 0.5) + 0.6)
+    collapsed = norms < COLLAPSE_NORM
+    for i, (ax, mosaic) in enumerate(zip(axes.flat, mosaics)):  # NaN gaps are left transparent
+        image = ax.imshow(mosaic.numpy(), cmap="RdBu_r", vmin=-m, vmax=m)
+        ax.set_title(f"{i}: {norms[i]:.2g}", fontsize=8, color=RED if collapsed[i] else "black")
+        if collapsed[i]:
+            ax.spines[:].set(visible=True, color=RED, linestyle="--", linewidth=2)
     fig.colorbar(image, ax=axes, label="weight", shrink=0.9)
-    channels = "R, G, B" if w.shape[1] == 3 else f"{w.shape[1]} input channels"
-    collapsed = int((norms < threshold).sum())
-    fig.suptitle(f"{len(w)} filters, each {channels} left to right, one colour scale (±{m:.2g}); "
-                 f"under each its L2 norm; red dashed: norm < {threshold:g}, collapsed ({collapsed} of {len(w)})", fontsize=9)
-    return save(fig, path)
+    fig.suptitle(f"filter: L2 norm; channels left to right; one colour scale (±{m:.2g}); red: "
+                 f"norm < {COLLAPSE_NORM:g}, collapsed ({int(collapsed.sum())} of {len(w)})")
+    return fig
 
+def best_epoch(history: list[dict], key: str = "test_acc") -> dict:
+    """The record with the highest ``key`` (for information: never select on the test set)."""
+    return max(history, key=lambda r: r[key])
 
-def plot_feature_maps(maps: torch.Tensor, image: torch.Tensor | None = None, path=None, ncols: int = 8) -> Figure:
-    """Feature maps ``[C, H, W]`` (float) of one image, one grey tile per channel titled with its
-    index, each tile scaled to its own min-max (a constant map is drawn in one flat shade).
+def first_reaching(history: list[dict], accuracy: float) -> dict | None:
+    """The first record whose ``test_acc`` is at least ``accuracy``, or None."""
+    return next((r for r in history if r["test_acc"] >= accuracy), None)
 
-    With ``image`` (uint8 ``[3, H', W']``, the network's input) the first panel shows it, titled
-    ``input``. Raises ValueError for other shapes.
-    """
-    if maps.dim() != 3 or (image is not None and (image.dim() != 3 or image.shape[0] != 3)):
-        raise ValueError(f"expected maps [C, H, W] and image [3, H, W], got {tuple(maps.shape)}"
-                         f" and {None if image is None else tuple(image.shape)}")
-    panels = [(image.permute(1, 2, 0).cpu().numpy(), "input", None)] if image is not None else []
-    panels += [(m.detach().float().cpu().numpy(), str(i), "gray") for i, m in enumerate(maps)]
-    nrows = -(-len(panels) // ncols)
-    fig = Figure(figsize=(1.35 * ncols, 1.45 * nrows))
-    for ax, panel in zip(fig.subplots(nrows, ncols, squeeze=False).flat, panels + [None] * ncols):
-        ax.set_axis_off()
-        if panel is not None:
-            ax.imshow(panel[0], cmap=panel[2])
-            ax.set_title(panel[1], fontsize=8, fontweight="bold" if panel[2] is None else "normal")
-    fig.tight_layout()
-    return save(fig, path)
+def seconds_to(history: list[dict], accuracy: float) -> float | None:
+    """Training seconds (evaluation excluded) until :func:`first_reaching` ``accuracy``, or None."""
+    return (first_reaching(history, accuracy) or {}).get("elapsed_train_seconds")
 
+def mean_over_epochs(history: list[dict], key: str) -> float:
+    """The mean of ``key`` over all epochs, as the original report measured its figures."""
+    return statistics.fmean(r[key] for r in history)
 
-def plot_confusion(confusion: torch.Tensor, path=None) -> Figure:
-    """The 10x10 confusion matrix (int ``[10, 10]``, rows true class, columns predicted), counts in each cell."""
-    fig = Figure(figsize=(7, 6))
-    ax = fig.subplots()
-    image = ax.imshow(confusion.numpy(), cmap="Blues")
-    fig.colorbar(image, ax=ax, label="test images")
-    ticks = range(len(CLASSES))
-    ax.set_xticks(ticks, CLASSES, rotation=45, ha="right")
-    ax.set_yticks(ticks, CLASSES)
-    ax.set(xlabel="predicted class", ylabel="true class", title="Confusion matrix (test set)")
-    threshold = confusion.max().item() / 2
-    for (i, j), count in zip(torch.cartesian_prod(torch.arange(10), torch.arange(10)).tolist(), confusion.flatten()):
-        ax.text(j, i, int(count), ha="center", va="center", fontsize=7, color="white" if count > threshold else "black")
-    return save(fig, path)
+def headline(history: list[dict]) -> dict[str, str]:
+    """``final_acc``, ``final_loss``, ``best_epoch``, ``best_acc``, ``wall_time``, ``train_time``;
+    ``best_val_*`` and ``final_val_acc``; ``original_epoch``, ``original_seconds`` once reached."""
+    from labcnn.train import format_duration  # here: train imports this module for its curves
+    last, best = history[-1], best_epoch(history)
+    figures = {"final_acc": f"{last['test_acc']:.2%}", "final_loss": f"{last['test_loss']:.4f}",
+               "best_epoch": str(best["epoch"]), "best_acc": f"{best['test_acc']:.2%}",
+               "wall_time": format_duration(sum(r["seconds"] for r in history)),
+               "train_time": format_duration(last["elapsed_train_seconds"])}
+    if "val_acc" in last:
+        val = best_epoch(history, "val_acc")
+        figures.update(best_val_epoch=str(val["epoch"]), best_val_acc=f"{val['val_acc']:.2%}",
+                       final_val_acc=f"{last['val_acc']:.2%}")
+    if (reached := first_reaching(history, ORIGINAL["test_acc"][0])) is not None:
+        figures.update(original_epoch=str(reached["epoch"]),
+                       original_seconds=f"{reached['elapsed_train_seconds']:.0f} s")
+    return figures
 
+def spread(values: list[float]) -> dict[str, float]:
+    """``mean``, ``std`` (sample standard deviation; 0 for one value), ``min`` and ``max``."""
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    return {"mean": statistics.fmean(values), "std": std, "min": min(values), "max": max(values)}
 
-def plot_per_class(per_class_accuracy: list[float], path=None) -> Figure:
-    """Horizontal bars of each class's test accuracy (10 fractions, drawn in percent)."""
-    fig = Figure(figsize=(6.4, 3.8))
-    ax = fig.subplots()
-    values = [100 * a for a in per_class_accuracy]
-    ax.barh(CLASSES, values, color="steelblue")
-    for y, v in enumerate(values):
-        ax.text(v + 0.5, y, f"{v:.1f}", va="center", fontsize=8)
-    ax.invert_yaxis()
-    ax.set(xlabel="top-1 accuracy (%)", xlim=(0, 105), title="Test accuracy per class")
-    return save(fig, path)
+def seed_spread(histories: list[list[dict]], key: str = "test_acc") -> dict[str, float]:
+    """:func:`spread` of the last epoch's ``key`` over runs that differ only in their seed."""
+    return spread([h[-1][key] for h in histories])
 
+def epoch_swing(history: list[dict], after: int = 10, key: str = "test_acc") -> dict[str, float]:
+    """:func:`spread` of ``key`` after epoch ``after``, its ``mean_change`` and ``max_change``."""
+    values = [r[key] for r in history if r["epoch"] > after]
+    changes = [abs(b - a) for a, b in zip(values, values[1:])]
+    return {**spread(values), "mean_change": statistics.fmean(changes), "max_change": max(changes)}
 
-def plot_batch_accuracy_histogram(accuracies, mean: float | None = None, marked: dict[str, float] | None = None,
-                                  batch_size: int = 100, path=None, title: str | None = None) -> Figure:
-    """Histogram of the accuracy of fixed test batches of ``batch_size`` images.
+def fixed_batch_accuracies(predictions, labels, batch_size: int = 100, seed: int = 0):
+    """Accuracies (float64 ``[N // batch_size]``) of the batches of one seeded test-set order."""
+    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))
+    order = order[:len(labels) // batch_size * batch_size]
+    return (predictions.cpu()[order] == labels.cpu()[order]).double().view(-1, batch_size).mean(1)
 
-    ``accuracies``: fractions in [0, 1], one per batch (a float ``[B]`` tensor or a sequence),
-    drawn in percent with one bar per achievable value (bins ``100 / batch_size`` points wide).
-    Vertical lines: ``mean`` (a fraction; default the batches' mean) and each ``marked``
-    ``{label: fraction}``, e.g. ``{"original report": 0.6926}``. Raises ValueError for no
-    batches or a value outside [0, 1].
-    """
-    acc = torch.as_tensor(accuracies, dtype=torch.float64).flatten()
-    if acc.numel() == 0 or acc.min() < 0 or acc.max() > 1:
-        raise ValueError("accuracies must be one or more fractions between 0 and 1")
-    mean = acc.mean().item() if mean is None else float(mean)
-    step = 100 / batch_size
-    low, high = (acc.min().item() * 100) // step * step, acc.max().item() * 100
-    edges = torch.arange(low - step / 2, high + step, step).tolist()
-    fig = Figure(figsize=(6.4, 4.0))
-    ax = fig.subplots()
-    ax.hist((acc * 100).numpy(), bins=edges, color="steelblue", edgecolor="white")
-    ax.axvline(mean * 100, color="black", linewidth=2, label=f"mean {mean:.2%}")
-    for i, (label, value) in enumerate((marked or {}).items()):
-        ax.axvline(value * 100, color=f"C{i + 1}", linestyle="--", linewidth=2, label=f"{label} {value:.2%}")
-    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set(xlabel=f"accuracy of a batch of {batch_size} test images (%)", ylabel="batches",
-           title=title or f"Accuracy of {acc.numel()} test batches of {batch_size} images")
-    ax.legend(fontsize=8)
-    return save(fig, path)
+def last_batch_accuracy(predictions, labels, batch_size: int = 100) -> float:
+    """Accuracy of the last ``batch_size`` images: all the original script kept of an evaluation."""
+    return (predictions[-batch_size:] == labels[-batch_size:]).double().mean().item()
+
+def binomial_interval(accuracy: float, n: int, z: float = 1.96) -> float:
+    """Half-width (fraction) of the normal-approximation interval of an accuracy on ``n`` images."""
+    if not 0 <= accuracy <= 1 or n < 1:
+        raise ValueError(f"expected an accuracy in [0, 1] and n >= 1, got {accuracy} and {n}")
+    return z * math.sqrt(accuracy * (1 - accuracy) / n)
+
+def results_dir() -> Path | None:
+    """``results/`` of the first checkout (``pyproject.toml``, ``results/``) in RESULTS_PLACES."""
+    cwd = Path.cwd().resolve()
+    for root in (Path(labcnn.__file__).resolve().parents[1], cwd, *cwd.parents,
+                 cwd / "labcnn", cwd.parent / "labcnn"):
+        if (root / "pyproject.toml").is_file() and (root / "results").is_dir():
+            return root / "results"
+    return None
+
+def committed(name: str):
+    """The parsed ``results/<name>.json``, or None; ValueError names a file that is not JSON."""
+    path = (folder := results_dir()) and folder / f"{name}.json"
+    try:
+        return json.loads(path.read_text()) if path and path.is_file() else None
+    except ValueError as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from None

@@ -1,247 +1,259 @@
-"""Training :class:`labcnn.model.LabCNN`: optimizer, schedule, one epoch, and :func:`fit`.
+"""Training and evaluating :class:`~labcnn.model.LabCNN`, read top to bottom: the batches, one
+training epoch, evaluation over a whole split, and :func:`fit`, which wires them.
 
-One function per phase, after torchvision's ``references/classification/train.py``:
-:func:`train_one_epoch` and :func:`labcnn.evaluate.evaluate`, wired by :func:`fit`, which
-resumes a run folder and saves it after every epoch (:mod:`labcnn.checkpoint`). The loop knows
-neither how batches are made (:func:`labcnn.transforms.training_batches`) nor how files are written.
+After torchvision's ``references/classification/train.py``: one function per phase, one model.
+Batches come from uint8 tensors held in memory, shuffled and augmented a whole batch at a time
+(as airbench does), so no DataLoader and no per-image PIL work are needed.
 """
 from __future__ import annotations
 
 import math
+import os
+import sys
 import time
 
 import torch
 import torch.nn.functional as F
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm.auto import tqdm
 
-from labcnn.analysis import format_minutes
-from labcnn.checkpoint import CHECKPOINT, Trained, checkpoint_state, open_run, resume, save_run
-from labcnn.config import TrainConfig
-from labcnn.device import amp_dtype, describe_device, grad_scaler, select_device, show_progress
-from labcnn.errors import TrainingDiverged
-from labcnn.evaluate import evaluate
-from labcnn.model import LabCNN
-from labcnn.transforms import Normalization, epoch_generator, split_validation, subset, training_batches
-from labcnn.whitening import WHITENING_IMAGES, whiten_conv
+from labcnn import ConfigError, TrainingDiverged, checkpoint
+from labcnn.config import TrainConfig, amp_dtype, describe_device, select_device
+from labcnn.model import LabCNN, Normalization, Trained
 
-TIME_FIELDS = ("seconds", "elapsed_train_seconds")  # the only history fields that vary between runs
+# The only history fields that differ between two runs of one command (times, thread count).
+TIME_FIELDS = ("seconds", "elapsed_train_seconds", "device")
 
 
-def make_optimizer(config: TrainConfig, model) -> torch.optim.Optimizer:
-    """Adam, AdamW or SGD with Nesterov momentum, as ``config.optimizer`` names."""
-    if config.optimizer == "adam":
-        return torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    if config.optimizer == "adamw":
-        return torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    return torch.optim.SGD(
-        model.parameters(), lr=config.lr, momentum=config.momentum, nesterov=True, weight_decay=config.weight_decay
-    )
+def epoch_generator(seed: int, epoch: int) -> torch.Generator:
+    """The generator of one epoch's order and augmentation, seeded by ``(seed, epoch)``: a
+    resumed run draws the same batches as an uninterrupted one."""
+    return torch.Generator().manual_seed((seed * 100_003 + epoch) % 2**64)
 
 
-def make_scheduler(config: TrainConfig, optimizer, steps_per_epoch: int):
-    """``None`` for a constant rate, else OneCycleLR stepped once per batch."""
-    if config.schedule == "constant":
-        return None
-    return torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=config.lr, epochs=config.epochs, steps_per_epoch=steps_per_epoch
-    )
+def augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """A random 32x32 crop of each 4-pixel zero-padded image, flipped left-right with p=0.5:
+    torchvision's ``RandomCrop(32, padding=4)`` + ``RandomHorizontalFlip()`` for a whole uint8
+    ``[N, C, 32, 32]`` batch at once."""
+    n, _, h, w = images.shape
+    shifts = torch.randint(0, 9, (2, n), generator=generator).to(images.device)
+    flips = (torch.rand(n, generator=generator) < 0.5).to(images.device)
+    arange = torch.arange(h, device=images.device)
+    rows = (shifts[0, :, None] + arange)[:, :, None]
+    cols = (shifts[1, :, None] + arange[:w])[:, None, :]
+    cols = torch.where(flips[:, None, None], cols.flip(2), cols)
+    padded = F.pad(images, (4, 4, 4, 4))
+    return padded[torch.arange(n, device=images.device)[:, None, None], :, rows, cols].permute(0, 3, 1, 2)
 
 
-def train_one_epoch(model, optimizer, scheduler, scaler, batches, steps: int, label_smoothing: float = 0.0,
-                    dtype: torch.dtype | None = None, desc: str = "", ema=None) -> tuple[float, float]:
-    """One pass over ``batches``, ``steps`` pairs of normalized float32 ``[B, 3, 32, 32]`` images
-    and int64 ``[B]`` labels on the model's device.
+def batches(images, labels, batch_size: int, generator, normalization: Normalization, augment_images=False):
+    """One epoch of ``(x, y)``: float32 ``[B, 3, 32, 32]`` normalized ``channels_last`` images and
+    int64 ``[B]`` labels, on ``images``' device, in an order drawn from ``generator``.
+    ``images``: uint8 ``[N, 3, 32, 32]``. The last batch may be smaller."""
+    order = torch.randperm(len(labels), generator=generator).to(images.device)
+    stats = normalization.tensors(images.device)
+    for index in order.split(batch_size):
+        x = augment(images[index], generator) if augment_images else images[index]
+        yield normalization(x, stats).contiguous(memory_format=torch.channels_last), labels[index]
 
-    ``dtype``: autocast dtype (``None``: float32); ``scaler``: a ``torch.amp.GradScaler``
-    (enabled for float16 only); ``ema``: a ``torch.optim.swa_utils.AveragedModel`` updated after
-    every step (:func:`make_ema`). Metrics accumulate on the device with no per-step synchronisation.
 
-    Returns:
-        ``(loss, accuracy)``: mean cross-entropy per image in nats (label-smoothed if the
-        recipe smooths), and top-1 accuracy as a fraction, over every image seen this epoch
-        with the model in train mode (a running figure, not an evaluation).
+def train_one_epoch(model, optimizer, batches, steps: int, scheduler=None, scaler=None, dtype=None,
+                    label_smoothing: float = 0.0, desc: str = "") -> tuple[float, float]:
+    """One pass over ``batches`` (``steps`` of them), in train mode (BatchNorm uses each batch's
+    statistics). ``dtype``: autocast dtype, ``None`` for float32; ``scaler``: a GradScaler (float16).
 
-    Raises:
-        TrainingDiverged: the loss was NaN or infinite; the message names the step.
+    Returns ``(loss, accuracy)``: mean cross-entropy per image (nats) and top-1 accuracy (a
+    fraction) over the images seen, as the weights moved. Raises TrainingDiverged (NaN or inf).
     """
     model.train()
     device = next(model.parameters()).device
-    losses = torch.zeros(steps, device=device)
-    correct = torch.zeros((), dtype=torch.int64, device=device)
-    seen = 0
-    for step, (x, y) in enumerate(tqdm(batches, total=steps, desc=desc, leave=False, disable=not show_progress())):
+    losses, correct, seen = torch.zeros(steps, device=device), 0, 0
+    bar = not sys.stderr.isatty() or bool(os.environ.get("CI"))  # only on a terminal
+    for step, (x, y) in enumerate(tqdm(batches, total=steps, desc=desc, leave=False, disable=bar)):
         with torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
             logits = model(x)
         loss = F.cross_entropy(logits.float(), y, label_smoothing=label_smoothing)
         optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
+        if scaler is not None:  # float16: scale the loss so small gradients do not underflow
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
         if scheduler is not None:
             scheduler.step()
-        if ema is not None:
-            ema.update_parameters(model)
-        losses[step] = loss.detach() * len(y)
+        losses[step] = loss.detach() * len(y)  # summed on the device: no sync per step
         correct += (logits.argmax(1) == y).sum()
         seen += len(y)
     losses = losses.cpu()
-    bad = (~torch.isfinite(losses)).nonzero()
-    if len(bad):
-        step = bad[0].item()
+    if not losses.isfinite().all():
+        step = int((~losses.isfinite()).nonzero()[0])
         raise TrainingDiverged(f"the training loss became {losses[step].item()} at step {step + 1}")
-    return losses.double().sum().item() / seen, correct.item() / seen
+    return losses.double().sum().item() / seen, int(correct) / seen
 
 
-def make_ema(config: TrainConfig, model):
-    """``None``, or the exponential moving average of ``model``'s weights and BatchNorm buffers
-    with decay ``config.ema`` per step (``AveragedModel(use_buffers=True)`` as in torchvision's
-    ``references/classification``). Its ``.module`` is a :class:`LabCNN` like ``model``."""
-    if not config.ema:
-        return None
-    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(config.ema), use_buffers=True)
+@torch.inference_mode()
+def evaluate(trained: Trained, images, labels, batch_size: int = 1000) -> dict:
+    """Loss, top-1 accuracy, per-class accuracy and confusion matrix over a whole split, in eval
+    mode (BatchNorm's running statistics), every image weighted alike; the model's mode is restored.
+
+    ``images``: uint8 ``[N, 3, 32, 32]``; ``labels``: int64 ``[N]``. Returns a dict: ``loss``
+    (nats per image), ``accuracy`` (fraction), ``per_class_accuracy`` (10 fractions),
+    ``confusion`` (int64 ``[10, 10]``, rows true class), ``predictions`` (int64 ``[N]``) and
+    ``confidence`` (float32 ``[N]``, softmax probability of the prediction), on the CPU.
+    """
+    model, was_training = trained.model, trained.model.training
+    device = next(model.parameters()).device
+    stats = trained.normalization.tensors(device)
+    loss = torch.zeros((), dtype=torch.float32 if device.type == "mps" else torch.float64)
+    logits = []
+    model.eval()
+    try:
+        for start in range(0, len(labels), batch_size):
+            x = trained.normalization(images[start:start + batch_size].to(device), stats)
+            out = model(x.contiguous(memory_format=torch.channels_last)).float().cpu()
+            loss += F.cross_entropy(out, labels[start:start + batch_size].cpu(), reduction="sum")
+            logits.append(out)
+    finally:
+        model.train(was_training)
+    confidence, predictions = torch.cat(logits).softmax(1).max(1)
+    labels = labels.cpu()
+    confusion = torch.bincount(labels * 10 + predictions, minlength=100).reshape(10, 10)
+    return {"loss": loss.item() / len(labels), "accuracy": (predictions == labels).double().mean().item(),
+            "per_class_accuracy": (confusion.diag() / confusion.sum(1).clamp(min=1)).tolist(),
+            "confusion": confusion, "predictions": predictions, "confidence": confidence}
 
 
-def prepare(config: TrainConfig, train_data):
-    """The run's training images, validation split and normalization (measured if the config
-    says ``None``). Raises :class:`labcnn.errors.ConfigError` for a bad subset or validation size."""
-    images, labels = subset(*train_data, config.subset, config.seed)
-    (images, labels), val = split_validation(images, labels, config.val_size, config.seed)
+def make_optimizer(config: TrainConfig, model) -> torch.optim.Optimizer:
+    """Adam or AdamW (``weight_decay`` as L2 or decoupled), or SGD with Nesterov momentum."""
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
+                               nesterov=True, weight_decay=config.weight_decay)
+    adam = torch.optim.AdamW if config.optimizer == "adamw" else torch.optim.Adam
+    return adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+
+
+def training_split(config: TrainConfig, images, labels):
+    """``(train, val)``: the seeded ``subset``, then ``val_size`` images held out (``val`` is
+    ``None`` without). Raises ConfigError when the data is too small for either."""
+    n = len(labels)
+    if not 1 <= (config.subset or n) <= n:
+        raise ConfigError(f"subset size {config.subset} must be between 1 and {n}")
+    if config.val_size >= (config.subset or n):
+        raise ConfigError(f"val_size {config.val_size} must be smaller than the "
+                          f"{config.subset or n} training images")
+    if config.subset:
+        keep = torch.randperm(n, generator=torch.Generator().manual_seed(config.seed))[:config.subset]
+        images, labels = images[keep], labels[keep]
+    if not config.val_size:
+        return (images, labels), None
+    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed((config.seed + 1) % 2**64))
+    held, kept = order[:config.val_size], order[config.val_size:]
+    return (images[kept], labels[kept]), (images[held], labels[held])
+
+
+def fit(config: TrainConfig, train_data, test_data, run_dir=None, device=None, log=print,
+        model=None) -> Trained:
+    """Train a :class:`LabCNN` with ``config``, resuming ``run_dir``'s checkpoint if it has one.
+
+    ``train_data``, ``test_data``: ``(uint8 [N, 3, 32, 32], int64 [N])`` from
+    :func:`labcnn.data.load_cifar10`. ``run_dir``: after every epoch ``checkpoint.pt``,
+    ``history.json``, ``loss.png`` and ``accuracy.png`` are written there, then the epoch's line
+    is logged (``None``: nothing on disk). ``model``: a fresh :class:`LabCNN` unless given (any
+    module mapping ``[N, 3, 32, 32]`` images to ``[N, 10]`` logits, to try a change). Returns the :class:`Trained` model, whose ``history``
+    holds one dict per epoch: ``epoch``, ``train_loss``, ``train_acc``, ``test_loss``,
+    ``test_acc`` (nats per image, fractions), ``lr``, ``seconds`` (wall time with evaluation),
+    ``elapsed_train_seconds`` (training alone, since the start), ``device`` (the device line), and
+    ``val_*`` with a validation split.
+
+    Raises:
+        DeviceError, ConfigError: a bad device or size, before anything is written.
+        CheckpointError: ``run_dir`` holds a damaged checkpoint, or one of other settings or data.
+        WriteError, RunFolderBusy: the run folder cannot be written, or another run uses it.
+        TrainingDiverged: a figure became NaN or infinite; the last finite checkpoint is kept.
+    """
+    device = select_device(device)
+    (images, labels), val = training_split(config, *train_data)
+    data = {"train": checkpoint.fingerprint(*train_data), "test": checkpoint.fingerprint(*test_data)}
     if config.mean is None:
         normalization = Normalization.measure(images)
     else:
         normalization = Normalization(config.mean, config.std)
-    return (images, labels), val, normalization
-
-
-def fit(config: TrainConfig, train_data, test_data, run_dir=None, device=None, log=print) -> Trained:
-    """Train :class:`LabCNN` with ``config``; resume from ``run_dir``'s checkpoint if there is one.
-
-    Args:
-        config: the settings (the lab's recipe by default).
-        train_data, test_data: ``(images, labels)``, uint8 ``[N, 3, 32, 32]`` and int64 ``[N]``
-            as returned by :func:`labcnn.data.load_cifar10`. The test set is used whole.
-        run_dir: folder for ``checkpoint.pt``, ``history.json``, ``loss.png`` and
-            ``accuracy.png``, all written after every epoch, before its line is logged;
-            ``None`` keeps nothing on disk. Nothing is created before the settings are checked.
-        device: a name for :func:`labcnn.device.select_device` (``None``: the best available).
-        log: receives the device line, then one line per epoch with the estimated time left.
-
-    Returns:
-        :class:`labcnn.checkpoint.Trained`: the model (the moving average of the weights when
-        ``config.ema`` is set: the model evaluated and saved), its normalization, the config and
-        the history: one dict per epoch with ``epoch``, ``train_loss``, ``train_acc``,
-        ``test_loss``, ``test_acc`` (losses in nats per image, accuracies as fractions), ``lr``,
-        ``seconds`` (the epoch's wall time, evaluation included) and ``elapsed_train_seconds``
-        (training time since the start), plus ``val_loss`` and ``val_acc`` with a validation split.
-
-    Raises:
-        DeviceError, ConfigError: a bad device, subset or validation size (nothing is written).
-        CheckpointError: ``run_dir`` holds a checkpoint of other settings or a damaged one.
-        WriteError: a checkpoint cannot be written (disk full); the last one stays on disk.
-        RunFolderBusy: another process is training into ``run_dir``.
-        TrainingDiverged: a training, validation or test figure became NaN or infinite; the
-            checkpoint kept is the last one whose figures were all finite.
-    """
-    device = select_device(device)
-    torch.manual_seed(config.seed)
-    (images, labels), val, normalization = prepare(config, train_data)
     dtype = amp_dtype(device, config.amp)
-    with open_run(run_dir) as folder:
-        log(f"device: {describe_device(device)}{amp_note(config.amp, dtype)}")
-        model = LabCNN().to(device, memory_format=torch.channels_last)
-        if config.whiten:
-            whiten_conv(model.conv1[0], normalization(images[:WHITENING_IMAGES]))
-        optimizer = make_optimizer(config, model)
-        scheduler = make_scheduler(config, optimizer, math.ceil(len(labels) / config.batch_size))
-        scaler = grad_scaler(device, dtype)
-        ema = make_ema(config, model)
-        history = resume(folder, config, model, optimizer, scheduler, scaler, ema)
-        trained = Trained(ema.module if ema else model, normalization, config, history)
+    torch.manual_seed(config.seed)
+    model = (LabCNN() if model is None else model).to(device, memory_format=torch.channels_last)
+    optimizer = make_optimizer(config, model)
+    steps = math.ceil(len(labels) / config.batch_size)
+    scheduler = None
+    if config.schedule == "onecycle":
+        scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, config.lr, epochs=config.epochs,
+                                                        steps_per_epoch=steps)
+    scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
+    trained = Trained(model, normalization, config)
+    with checkpoint.run_folder(run_dir) as folder:
+        precision = "float32" if dtype is None else str(dtype).replace("torch.", "mixed precision ")
+        device_line = f"{describe_device(device)}, {precision}"
+        log(f"device: {device_line}")
+        run = dict(model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler)
+        trained.history = checkpoint.resume(folder, config, data, **run)
         for record in trained.history:
             log(format_epoch(record, config.epochs))
         if trained.history:
             done = "run complete" if trained.epoch >= config.epochs else "resuming"
-            log(f"{done}: {trained.epoch} of {config.epochs} epochs restored from {folder / CHECKPOINT}")
-        step_model = torch.compile(model) if config.compile else model
+            log(f"{done}: {trained.epoch} of {config.epochs} epochs restored from {folder}")
         images, labels = images.to(device), labels.to(device)
-        session = []
+        session_seconds = []
         for epoch in range(trained.epoch + 1, config.epochs + 1):
-            record = run_epoch(trained, (step_model, optimizer, scheduler, scaler, ema), (images, labels), (val, test_data), epoch, dtype, folder)
+            start = time.perf_counter()
+            lr = optimizer.param_groups[0]["lr"]
+            epoch_batches = batches(images, labels, config.batch_size, epoch_generator(config.seed, epoch),
+                                    normalization, config.augment)
+            try:
+                train_loss, train_acc = train_one_epoch(model, optimizer, epoch_batches, steps, scheduler,
+                                                        scaler, dtype, config.label_smoothing, f"epoch {epoch}")
+            except TrainingDiverged as e:
+                raise TrainingDiverged(f"{e} of epoch {epoch}; {kept(folder, epoch - 1)}") from None
+            train_seconds = time.perf_counter() - start
+            record = {"epoch": epoch, "train_loss": train_loss, "train_acc": train_acc}
+            for name, split in (("val", val), ("test", test_data)):
+                if split is not None:
+                    result = evaluate(trained, *split, batch_size=config.eval_batch_size)
+                    record.update({f"{name}_loss": result["loss"], f"{name}_acc": result["accuracy"]})
+            bad = next((k for k, v in record.items() if not math.isfinite(v)), None)
+            if bad:
+                raise TrainingDiverged(f"the {bad.replace('_', ' ')} became {record[bad]} at epoch "
+                                       f"{epoch}; {kept(folder, epoch - 1)}")
+            elapsed = trained.history[-1]["elapsed_train_seconds"] if trained.history else 0.0
+            record.update(lr=lr, seconds=time.perf_counter() - start,
+                          elapsed_train_seconds=elapsed + train_seconds, device=device_line)
             trained.history.append(record)
             if folder is not None:
-                save_run(folder, checkpoint_state(model, optimizer, scheduler, scaler, trained.history, config, normalization, ema))
-            session.append(record["seconds"])
-            log(format_epoch(record, config.epochs, eta=sum(session) / len(session) * (config.epochs - epoch)))
+                checkpoint.save(folder, trained, data, **run)
+            session_seconds.append(record["seconds"])
+            left = sum(session_seconds) / len(session_seconds) * (config.epochs - epoch)
+            log(format_epoch(record, config.epochs, left))
     return trained
 
 
-def run_epoch(trained: Trained, stepping: tuple, train, splits, epoch: int, dtype, folder) -> dict:
-    """Train one epoch, evaluate the validation (if any) and test splits, and return the record.
-
-    ``stepping``: ``(step_model, optimizer, scheduler, scaler, ema)``; ``trained.model`` (the
-    moving average when ``ema`` is set) is the model evaluated.
-
-    Raises:
-        TrainingDiverged: a figure is not finite; names the epoch and the checkpoint kept.
-    """
-    config = trained.config
-    step_model, optimizer, scheduler, scaler, ema = stepping
-    start = time.perf_counter()
-    lr = optimizer.param_groups[0]["lr"]
-    generator = epoch_generator(config.seed, epoch)
-    batches = training_batches(*train, config.batch_size, generator, trained.normalization, config.augment, config.cutout)
-    steps = math.ceil(len(train[1]) / config.batch_size)
-    try:
-        train_loss, train_acc = train_one_epoch(step_model, optimizer, scheduler, scaler, batches, steps,
-                                                config.label_smoothing, dtype, desc=f"epoch {epoch}", ema=ema)
-    except TrainingDiverged as e:
-        raise TrainingDiverged(f"{e} of epoch {epoch}; {kept_checkpoint(folder, epoch - 1)}") from None
-    train_seconds = time.perf_counter() - start
-    record = {"epoch": epoch, "train_loss": train_loss, "train_acc": train_acc}
-    for name, split in zip(("val", "test"), splits):
-        if split is not None:
-            result = evaluate(trained, *split, batch_size=config.eval_batch_size)
-            record.update({f"{name}_loss": result["loss"], f"{name}_acc": result["accuracy"]})
-    bad = [name for name, value in record.items() if not math.isfinite(value)]
-    if bad:
-        raise TrainingDiverged(f"the {bad[0].replace('_', ' ')} became {record[bad[0]]} at epoch {epoch}; {kept_checkpoint(folder, epoch - 1)}")
-    elapsed = (trained.history[-1]["elapsed_train_seconds"] if trained.history else 0.0) + train_seconds
-    record.update(lr=lr, seconds=time.perf_counter() - start, elapsed_train_seconds=elapsed)
-    return record
+def kept(folder, epochs_done: int) -> str:
+    """What a diverged run leaves on disk, for its message."""
+    what = (f"{folder / checkpoint.CHECKPOINT} (epoch {epochs_done}, all its figures finite) is kept"
+            if folder is not None and epochs_done else "no checkpoint was written")
+    return f"{what}. Lower the learning rate and train into a new run folder"
 
 
-def amp_note(amp: str, dtype) -> str:
-    """The device line's word on mixed precision: nothing when it is off as asked."""
-    if dtype is not None:
-        return f", mixed precision {str(dtype).replace('torch.', '')}"
-    if amp == "native":
-        return ", float32 (the recipe's bfloat16 needs a device that computes it natively)"
-    return "" if amp == "off" else f", mixed precision off (--amp {amp}: this device has no native bfloat16; float32 is used)"
-
-
-def kept_checkpoint(folder, epochs_done: int) -> str:
-    """What a diverged run leaves, for its message."""
-    if folder is None or epochs_done == 0:
-        kept = "no checkpoint was written"
-    else:
-        kept = f"{folder / CHECKPOINT} (epoch {epochs_done}, all its figures finite) is kept"
-    return f"{kept}. Lower the learning rate and train into a new run folder"
-
-
-def format_epoch(record: dict, epochs: int, eta: float | None = None) -> str:
-    """``epoch 7/50  train loss 0.912 acc 68.1%  test loss 0.955 acc 66.8%  57 s  about 41 min left``."""
+def format_epoch(record: dict, epochs: int, seconds_left: float | None = None) -> str:
+    """``epoch 7/50  train loss 0.912 acc 68.1%  test loss 0.955 acc 66.8%  19 s  about 13 min 18 s left``."""
     val = f"  val loss {record['val_loss']:.3f} acc {record['val_acc']:.1%}" if "val_loss" in record else ""
-    left = "" if eta is None or record["epoch"] >= epochs else f"  about {format_duration(eta)} left"
-    return (
-        f"epoch {record['epoch']}/{epochs}  train loss {record['train_loss']:.3f} acc {record['train_acc']:.1%}"
-        f"{val}  test loss {record['test_loss']:.3f} acc {record['test_acc']:.1%}  {record['seconds']:.0f} s{left}"
-    )
+    left = "" if seconds_left is None or record["epoch"] >= epochs else f"  about {format_duration(seconds_left)} left"
+    return (f"epoch {record['epoch']}/{epochs}  train loss {record['train_loss']:.3f} "
+            f"acc {record['train_acc']:.1%}{val}  test loss {record['test_loss']:.3f} "
+            f"acc {record['test_acc']:.1%}  {record['seconds']:.0f} s{left}")
 
 
 def format_duration(seconds: float) -> str:
-    """``"2 h 05 min"``, ``"41 min 12 s"`` or ``"37 s"``."""
+    """``"2 h 05 min"``, ``"41 min 12 s"`` or ``"37 s"``: the one duration format."""
     seconds = round(seconds)
     if seconds >= 3600:
         return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
-    return format_minutes(seconds) if seconds >= 60 else f"{seconds} s"
+    return f"{seconds // 60} min {seconds % 60} s" if seconds >= 60 else f"{seconds} s"

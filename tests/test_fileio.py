@@ -1,16 +1,40 @@
-"""labcnn.fileio: the one atomic writer, the run-folder lock, and unwritable folders for every write."""
+"""labcnn.fileio: the one atomic writer, staged folders, the run-folder lock, and what each does
+on file systems without permissions or locks (FAT, SMB, NFS without lockd)."""
+import errno
+import json
 import os
+import shutil
 import stat
 import subprocess
 import sys
 import threading
+import warnings
 
 import pytest
 import torch
-from helpers import ENV, without_root_override
+from helpers import ENV, QUICK, without_root_override
 
-from labcnn.errors import RunFolderBusy, WriteError
-from labcnn.fileio import atomic_write, run_lock, write_json
+from labcnn import RunFolderBusy, WriteError
+from labcnn import fileio as F
+from labcnn.cli import main
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+TRAIN = ["--epochs", "1", "--batch-size", str(QUICK["batch_size"]), "--lr", str(QUICK["lr"]),
+         "--device", "cpu"]
+
+
+@pytest.fixture(autouse=True)
+def omp_threads(monkeypatch):
+    """The command line keeps the one thread the tests train with."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+
+
+def raising(error: BaseException):
+    """A ``write`` that writes half, then raises ``error``."""
+    def write(f):
+        f.write(b"half")
+        raise error
+    return write
 
 
 def test_failed_write_keeps_the_previous_file_and_leaves_no_temporary(tmp_path):
@@ -19,23 +43,80 @@ def test_failed_write_keeps_the_previous_file_and_leaves_no_temporary(tmp_path):
 
     def fail(f):
         f.write(b"half")
-        raise RuntimeError("[enforce fail at inline_container.cc] PytorchStreamWriter failed writing file\nmore")
+        raise RuntimeError("[enforce fail at inline_container.cc] PytorchStreamWriter failed "
+                           "writing file\nmore")
 
-    with pytest.raises(WriteError, match=r"cannot write .*state.pt \(\[enforce fail .*writing file\): make its folder writable"):
-        atomic_write(path, fail)
+    with pytest.raises(WriteError, match=r"cannot write .*state.pt \(\[enforce fail .*writing "
+                                         r"file\): make its folder writable"):
+        F.atomic_write(path, fail)
+    with pytest.raises(WriteError, match=r"state.pt \(No space left on device\)") as info:
+        F.atomic_write(path, raising(OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))))
+    assert info.value.path == path and info.value.reason == "No space left on device"
+    with pytest.raises(KeyboardInterrupt):  # Ctrl-C mid-write: also nothing half-written
+        F.atomic_write(path, raising(KeyboardInterrupt()))
     assert path.read_bytes() == b"previous" and os.listdir(tmp_path) == ["state.pt"]
 
 
+def test_a_missing_folder_is_one_cannot_write(tmp_path):
+    with pytest.raises(WriteError, match=f"cannot write {tmp_path}/no/x.json \\(No such file"):
+        F.write_json(tmp_path / "no" / "x.json", [])
+    (tmp_path / "file").write_text("")
+    with pytest.raises(WriteError, match=f"cannot write {tmp_path}/file/sub"):
+        F.make_dir(tmp_path / "file" / "sub")
+    assert F.make_dir(tmp_path / "a" / "b").is_dir()
+
+
 def test_written_files_get_the_usual_permissions(tmp_path):
-    atomic_write(tmp_path / "a", lambda f: f.write(b"x"))
+    F.atomic_write(tmp_path / "a", lambda f: f.write(b"x"))
     mask = os.umask(0)
     os.umask(mask)
     assert stat.S_IMODE((tmp_path / "a").stat().st_mode) == 0o666 & ~mask  # not mkstemp's 0o600
 
 
-def test_json_is_strict():
+def refuse_chmod(monkeypatch) -> list:
+    """``os.chmod`` as on FAT, exFAT or SMB: ``EPERM`` for every file (recorded)."""
+    calls = []
+
+    def chmod(path, mode, *args, **kwargs):
+        calls.append(path)
+        raise PermissionError(errno.EPERM, "Operation not permitted", str(path))
+
+    monkeypatch.setattr(os, "chmod", chmod)
+    return calls
+
+
+def test_a_refused_chmod_never_loses_the_file(tmp_path, monkeypatch):
+    calls = refuse_chmod(monkeypatch)
+    F.atomic_write(tmp_path / "a.bin", lambda f: f.write(b"x"))
+    F.write_json(tmp_path / "a.json", {"x": 1})
+    assert calls and (tmp_path / "a.bin").read_bytes() == b"x"
+    assert json.loads((tmp_path / "a.json").read_text()) == {"x": 1}
+    assert sorted(os.listdir(tmp_path)) == ["a.bin", "a.json"]
+
+
+def test_on_a_disk_without_permissions_every_file_is_written(tree_data, tmp_path, monkeypatch,
+                                                             capsys):
+    """Checkpoint, history, figures, the decode cache and the GIFs, with chmod refused (EPERM)."""
+    root, _, _ = tree_data
+    data = tmp_path / "data"
+    for split in ("train", "test"):  # a fresh tree, so that its decode cache is written here
+        shutil.copytree(root / split, data / split)
+    monkeypatch.setattr("labcnn.animations.gif_bytes", lambda name: b"GIF89a")  # not the drawing
+    calls = refuse_chmod(monkeypatch)
+    assert main(["train", "--data-dir", str(data), "--out", str(tmp_path / "run"), *TRAIN]) == 0
+    assert main(["gifs", "--out", str(tmp_path / "gifs"), "--notebook", "none.ipynb"]) == 0
+    assert calls and capsys.readouterr().err == ""  # not even a warning
+    written = set(os.listdir(tmp_path / "run"))
+    assert {"checkpoint.pt", "history.json", "loss.png", "accuracy.png"} <= written
+    assert sorted(os.listdir(tmp_path / "gifs")) == ["convolution.gif", "maxpool.gif"]
+    cache = set(os.listdir(data)) - {"train", "test"}
+    assert cache and not [name for name in cache if name.endswith(".tmp")]
+
+
+def test_json_is_strict(tmp_path):
     with pytest.raises(ValueError):
-        write_json("/nonexistent/never-written.json", [{"loss": float("nan")}])
+        F.write_json(tmp_path / "h.json", [{"loss": float("nan")}])
+    assert os.listdir(tmp_path) == []
 
 
 def test_concurrent_writers_of_one_file_never_share_a_temporary_file(tmp_path):
@@ -44,7 +125,7 @@ def test_concurrent_writers_of_one_file_never_share_a_temporary_file(tmp_path):
     def writer(n):
         try:
             for _ in range(20):
-                atomic_write(path, lambda f: torch.save({"writer": torch.full((1000,), n)}, f))
+                F.atomic_write(path, lambda f: torch.save({"writer": torch.full((1000,), n)}, f))
         except Exception as e:  # pragma: no cover - the failure being tested for
             errors.append(e)
 
@@ -57,70 +138,156 @@ def test_concurrent_writers_of_one_file_never_share_a_temporary_file(tmp_path):
     assert torch.load(path)["writer"].unique().numel() == 1  # one writer's whole file
 
 
+def test_a_staged_folder_appears_whole_or_not_at_all(tmp_path):
+    target = tmp_path / "batches"
+    with pytest.raises(RuntimeError):
+        with F.staged_dir(target) as scratch:
+            (scratch / "half").write_bytes(b"x")
+            raise RuntimeError("interrupted")
+    assert os.listdir(tmp_path) == []
+    with F.staged_dir(target) as scratch:
+        assert scratch.parent == tmp_path and scratch.name.startswith(".")
+        assert not any(scratch.iterdir())
+        (scratch / "whole").write_bytes(b"x")
+    assert os.listdir(tmp_path) == ["batches"] and os.listdir(target) == ["whole"]
+    with F.staged_dir(target) as scratch:  # another process put it in place first: kept
+        (scratch / "other").write_bytes(b"y")
+    assert os.listdir(tmp_path) == ["batches"] and os.listdir(target) == ["whole"]
+    with pytest.raises(WriteError, match=f"cannot write {tmp_path}/missing"):
+        with F.staged_dir(tmp_path / "missing" / "x"):
+            pass
+
+
 def test_run_lock_refuses_a_second_holder_and_is_released(tmp_path):
-    with run_lock(tmp_path):
-        with pytest.raises(RunFolderBusy, match=f"{tmp_path} is in use by another training process"):
-            with run_lock(tmp_path):
+    with F.run_lock(tmp_path):
+        with pytest.raises(RunFolderBusy, match=f"{tmp_path} is in use by another training"):
+            with F.run_lock(tmp_path):
                 pass
-    with run_lock(tmp_path):  # released at the end of the block
+    with F.run_lock(tmp_path):  # released at the end of the block
         pass
 
 
-def start(root, out, epochs="1000"):
+def no_locks(monkeypatch, code: int) -> None:
+    """``flock`` as on NFS without lockd, or Lustre/GPFS mounted without flock."""
+    def flock(handle, operation):
+        raise OSError(code, os.strerror(code))
+
+    monkeypatch.setattr(F.fcntl, "flock", flock)
+
+
+@pytest.mark.skipif(F.fcntl is None, reason="no fcntl (Windows)")
+@pytest.mark.parametrize("code", [errno.ENOLCK, errno.ENOSYS, errno.EBADF])
+def test_a_file_system_without_locks_warns_once_and_goes_on(tmp_path, monkeypatch, code):
+    no_locks(monkeypatch, code)
+    with pytest.warns(UserWarning) as caught:
+        for _ in range(2):
+            with F.run_lock(tmp_path):
+                ran = True
+    assert ran and len(caught) == 1
+    assert str(caught[0].message) == (f"cannot lock {tmp_path} ({os.strerror(code)}; this file "
+                                      "system has no locks): make sure no other run trains into it")
+
+
+@pytest.mark.skipif(F.fcntl is None, reason="no fcntl (Windows)")
+def test_training_on_nfs_without_lockd_goes_on_with_one_warning(tree_data, tmp_path, monkeypatch,
+                                                                capsys):
+    root, _, _ = tree_data
+    no_locks(monkeypatch, errno.ENOLCK)
+    out = tmp_path / "run"
+    assert main(["train", "--data-dir", str(root), "--out", str(out), "--subset", "60",
+                 *TRAIN]) == 0
+    captured = capsys.readouterr()
+    assert captured.err == (f"warning: cannot lock {out} (No locks available; this file system "
+                            "has no locks): make sure no other run trains into it\n")
+    assert "epoch 1/1" in captured.out and (out / "checkpoint.pt").is_file()
+
+
+@pytest.mark.skipif(F.fcntl is None, reason="no fcntl (Windows)")
+def test_other_lock_failures_are_not_hidden(tmp_path, monkeypatch):
+    no_locks(monkeypatch, errno.EIO)
+    with pytest.raises(WriteError, match=f"cannot write {tmp_path}/.lock \\(Input/output error\\)"):
+        with F.run_lock(tmp_path):
+            pass
+
+
+def test_warn_once(recwarn):
+    F.warn_once("test_fileio: once")
+    F.warn_once("test_fileio: once")
+    F.warn_once("test_fileio: twice")
+    assert [str(w.message) for w in recwarn] == ["test_fileio: once", "test_fileio: twice"]
+
+
+def test_reason():
+    assert F.reason(PermissionError(errno.EACCES, "Permission denied", "/x")) == "Permission denied"
+    assert F.reason(RuntimeError("first line\nsecond")) == "first line"
+    assert F.reason(RuntimeError()) == "RuntimeError"
+
+
+def start(root, out):
     """A training subprocess that runs until killed."""
-    command = [sys.executable, "-m", "labcnn", "train", "--data-dir", str(root), "--out", str(out), "--epochs", epochs,
-               "--subset", "80", "--batch-size", "8", "--device", "cpu"]
-    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    command = [sys.executable, "-m", "labcnn", "train", "--data-dir", str(root), "--out", str(out),
+               "--epochs", "1000", "--subset", "80", "--batch-size", "8", "--device", "cpu"]
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=ENV)
 
 
-def test_second_run_into_a_folder_in_use_is_refused_and_a_killed_run_leaves_no_stuck_lock(tree_data, tmp_path):
+def test_a_second_run_into_a_folder_in_use_is_refused_and_a_killed_run_leaves_no_stuck_lock(
+        tree_data, tmp_path, capsys):
     root, _, _ = tree_data
     out = tmp_path / "run"
     first = start(root, out)
+    watchdog = threading.Timer(120, first.kill)  # never hang the suite on a stuck child
+    watchdog.start()
     try:
-        assert next(line for line in first.stdout if line.startswith("epoch ")).startswith("epoch 1/1000")
-        second = start(root, out)
-        _, err = second.communicate(timeout=120)
-        assert second.returncode == 2
-        assert err == f"error: {out} is in use by another training process: wait for it to end, or choose another --out folder\n"
+        line = next((line for line in first.stdout if line.startswith("device: ")), None)
+        assert line is not None, first.stderr.read()  # it holds the lock when it says so
+        args = ["train", "--data-dir", str(root), "--out", str(out), "--epochs", "1000",
+                "--subset", "80", "--batch-size", "8", "--device", "cpu"]
+        assert main(args) == 2
+        assert capsys.readouterr().err == (f"error: {out} is in use by another training process: "
+                                           "wait for it to end, or choose another --out folder\n")
         assert first.poll() is None  # the first run goes on
     finally:
+        watchdog.cancel()
         first.kill()  # SIGKILL: no clean-up code runs; the kernel drops the lock
         first.wait()
-    third = start(root, out)  # takes the lock and resumes
-    try:
-        assert next(line for line in third.stdout if not line.startswith(("data:", "device:", "epoch "))).startswith("resuming: ")
-    finally:
-        third.kill()
-        third.wait()
+        first.stdout.close()
+        first.stderr.close()
+    with F.run_lock(out):  # free again
+        pass
 
 
-def run_unprivileged(*args) -> subprocess.CompletedProcess:
-    command = without_root_override([sys.executable, "-m", "labcnn", *map(str, args)])
-    return subprocess.run(command, capture_output=True, text=True, env=ENV, timeout=300)
-
-
-@pytest.mark.parametrize("what", ["new run folder", "run folder", "gifs"])
-def test_unwritable_folders_give_one_cannot_write_line(tree_data, tmp_path, what):
-    """Every write goes through fileio: the run folder, the checkpoint, history and figures, the GIFs."""
+def test_unwritable_folders_give_one_cannot_write_line(tree_data, tmp_path):
+    """Permission bits as a user meets them (as root, under setpriv): a new run folder, an
+    existing run folder, the GIFs. One subprocess runs the three commands."""
     root, _, _ = tree_data
     locked = tmp_path / "locked"
-    locked.mkdir()
-    if what == "run folder":
-        (locked / "run").mkdir()
-    locked.chmod(0o555)
-    (locked / "run").exists() and (locked / "run").chmod(0o555)
-    args = {
-        "new run folder": ["train", "--data-dir", root, "--out", locked / "run", "--epochs", "1", "--subset", "40", "--device", "cpu"],
-        "run folder": ["train", "--data-dir", root, "--out", locked / "run", "--epochs", "1", "--subset", "40", "--device", "cpu"],
-        "gifs": ["gifs", "--out", locked / "gifs"],
-    }[what]
+    (locked / "run").mkdir(parents=True)
+    train = ["train", "--data-dir", str(root), "--subset", "40", *TRAIN, "--out"]
+    cases = {"new": train, "run": train, "gifs": ["gifs", "--notebook", "none", "--out"]}
+    script = ("import sys, json; from labcnn.cli import main\n"
+              "for argv in json.loads(sys.argv[1]):\n"
+              "    print('=== status', main(argv), file=sys.stderr, flush=True)\n")
+    argvs = [[*argv, str(locked / name)] for name, argv in cases.items()]
+    command = without_root_override([sys.executable, "-c", script, json.dumps(argvs)])
+    for folder in (locked / "run", locked):
+        folder.chmod(0o555)
     try:
-        result = run_unprivileged(*args)
+        result = subprocess.run(command, capture_output=True, text=True, env=ENV, timeout=300)
     finally:
-        for p in (locked / "run", locked):
-            p.exists() and p.chmod(0o755)
-    assert result.returncode == 2, result.stderr
-    lines = [line for line in result.stderr.splitlines() if not line.startswith("warning:")]
-    assert len(lines) == 1 and lines[0].startswith(f"error: cannot write {locked}") and "(Permission denied)" in lines[0]
-    assert "Traceback" not in result.stderr
+        for folder in (locked / "run", locked):
+            folder.chmod(0o755)
+    assert "Traceback" not in result.stderr and result.returncode == 0, result.stderr
+    blocks, lines = [], []
+    for line in result.stderr.splitlines():
+        if line.startswith("=== status "):
+            blocks.append((line.split()[-1], lines))
+            lines = []
+        else:
+            lines.append(line)
+    assert [status for status, _ in blocks] == ["2", "2", "2"], result.stderr
+    for name, (_, lines) in zip(cases, blocks):
+        errors = [line for line in lines if not line.startswith("warning: ")]
+        assert len(errors) == 1 and errors[0].startswith(f"error: cannot write {locked / name}")
+        assert "(Permission denied)" in errors[0]
+    assert blocks[1][1][0].startswith(f"warning: cannot lock {locked / 'run'} (Permission denied)")
