@@ -14,34 +14,26 @@ try:  # one home for the version: pyproject.toml
 except PackageNotFoundError:  # imported from a checkout that was never installed
     __version__ = "0+checkout"
 
-
 class LabcnnError(Exception):
     """Base class: the command line prints ``error: <message>`` and exits with status 2."""
-
 
 class DataError(LabcnnError):
     """CIFAR-10 files are missing, damaged, or in no layout :func:`labcnn.data.load_cifar10` reads."""
 
-
 class CheckpointError(LabcnnError):
     """A checkpoint is unreadable, of another model, version, run or data set."""
-
 
 class ConfigError(LabcnnError, ValueError):
     """A setting is out of range or unknown; the message names it and the accepted values."""
 
-
 class DeviceError(ConfigError):
     """A device name is unknown, or names a device this machine does not have."""
-
 
 class TrainingDiverged(LabcnnError):
     """The training loss became NaN or infinite; the last finite checkpoint is kept."""
 
-
 class RunFolderBusy(LabcnnError):
     """Another process is training into the same run folder."""
-
 
 class WriteError(LabcnnError):
     """A file or folder could not be written; ``path`` and ``reason`` (e.g. ``Permission denied``)."""

@@ -1,15 +1,11 @@
-"""The lab's two teaching GIFs: a 2x2 convolution (stride 1, padding 1) and a 2x2 max-pool, their
-numbers from ``torch.nn.functional`` ("convolution" is cross-correlation, as in PyTorch); shown in
-notebooks as ``image/gif`` cell outputs (Colab ignores markdown attachments)."""
-from __future__ import annotations
-
+"""The lab's GIFs of a 2x2 convolution (cross-correlation, as in PyTorch) and a 2x2 max-pool."""
 import base64
 import io
 import json
 import re
+from collections import namedtuple
 from itertools import zip_longest
 from pathlib import Path
-from typing import NamedTuple
 
 import matplotlib.style
 import numpy as np
@@ -23,82 +19,58 @@ from PIL import Image
 from labcnn.fileio import atomic_write, make_dir
 from labcnn.model import KERNEL_SIZE, PADDING, POOL_SIZE, STRIDE  # the lab's layers, one home
 
-# Small integers, so that every frame can be checked by hand. The pooling input is 5x5, odd like
-# the lab's 33x33 conv1 output: floor((5 - 2) / 2) + 1 = 2, so its last row and column are dropped.
+# Small integers to check by hand; POOL_INPUT is odd like conv1's 33x33 output: pooling drops a row.
 CONV_INPUT = torch.tensor([[1, 2, 0, 3], [0, 1, 2, 1], [3, 0, 1, 2], [2, 1, 0, 1]]).float()
 CONV_KERNEL = torch.tensor([[1, 0], [-1, 2]]).float()
 POOL_INPUT = torch.tensor([[1, 3, 2, 0, 4], [0, 2, 5, 1, 3], [4, 1, 0, 2, 1], [2, 6, 3, 1, 0],
                            [7, 0, 1, 5, 2]]).float()
-
 GIFS = {"convolution": 500, "maxpool": 1000}  # name: milliseconds per window position
 HOLD_MS = 4000  # the finished output stays this long before the GIF loops
 PALETTE_COLORS = 64  # one palette for all frames: Pillow then stores only what changes
 GREY, YELLOW, ORANGE, BLUE = "0.82", "#ffe680", (1.0, 0.55, 0.0, 0.3), "#1f4e9c"
 SHOW_GIF_CALL = re.compile(r"""\bshow_gif\(\s*["'](\w+)["']\s*\)""")
-
-
-class Step(NamedTuple):
-    """A window position: output cell, top-left cell in the drawn (padded) input, values [k, k]."""
-    out: tuple[int, int]
-    window: tuple[int, int]
-    values: torch.Tensor
-    result: float
-
+Step = namedtuple("Step", "out window values result")  # window: top-left cell, padded input
 
 def conv_output() -> torch.Tensor:
     """``F.conv2d(CONV_INPUT, CONV_KERNEL)`` with the lab's stride and padding: float32 [5, 5]."""
     return F.conv2d(CONV_INPUT[None], CONV_KERNEL[None, None], stride=STRIDE, padding=PADDING)[0]
 
-
 def pool_output() -> torch.Tensor:
     """``F.max_pool2d(POOL_INPUT, POOL_SIZE)``: float32 [2, 2]."""
     return F.max_pool2d(POOL_INPUT[None], POOL_SIZE)[0]
-
 
 def pool_winners() -> list[tuple[int, int]]:
     """(row, col) in ``POOL_INPUT`` of each window's maximum (``return_indices``), step order."""
     _, index = F.max_pool2d(POOL_INPUT[None], POOL_SIZE, return_indices=True)
     return [divmod(i, POOL_INPUT.shape[1]) for i in index.flatten().tolist()]
 
-
 def _steps(grid: torch.Tensor, output: torch.Tensor, k: int, stride: int) -> list[Step]:
     windows = grid.unfold(0, k, stride).unfold(1, k, stride)  # [rows, cols, k, k]
     return [Step((r, c), (r * stride, c * stride), windows[r, c], output[r, c].item())
             for r in range(len(output)) for c in range(len(output))]
 
-
 def conv_steps() -> list[Step]:
     """The 25 kernel positions over the zero-padded input [6, 6], row by row."""
     return _steps(F.pad(CONV_INPUT, (PADDING,) * 4), conv_output(), KERNEL_SIZE, STRIDE)
-
 
 def pool_steps() -> list[Step]:
     """The 4 pooling windows over ``POOL_INPUT``, row by row."""
     return _steps(POOL_INPUT, pool_output(), POOL_SIZE, POOL_SIZE)
 
-
-def _num(value: float) -> str:
-    return f"({value:g})" if value < 0 else f"{value + 0.0:g}"  # + 0.0 turns -0.0 into 0.0
-
+def _nums(values: torch.Tensor) -> list[str]:
+    return [f"({v:g})" if v < 0 else f"{v + 0.0:g}" for v in values.flatten().tolist()]  # no -0
 
 def conv_formula(step: Step) -> str:
     """One step's sum of products, e.g. ``out[0, 0] = 0*1 + 0*0 + 0*(-1) + 1*2 = 2``."""
-    pairs = zip(step.values.flatten().tolist(), CONV_KERNEL.flatten().tolist())
-    products = " + ".join(f"{_num(a)}*{_num(b)}" for a, b in pairs)
+    products = " + ".join(f"{a}*{b}" for a, b in zip(_nums(step.values), _nums(CONV_KERNEL)))
     return f"out{list(step.out)} = {products} = {step.result:g}"
-
 
 def pool_formula(step: Step) -> str:
     """One step's maximum, e.g. ``out[0, 0] = max(1, 3, 0, 2) = 3``."""
-    values = ", ".join(_num(v) for v in step.values.flatten().tolist())
-    return f"out{list(step.out)} = max({values}) = {step.result:g}"
-
+    return f"out{list(step.out)} = max({', '.join(_nums(step.values))}) = {step.result:g}"
 
 def _panel(ax, values, title, shown=None, grey=None, window=None, mark=None, ringed=()) -> None:
-    """Draw ``values`` [H, W] on ``ax`` anew: the numbers ``shown`` (all if None), grey where
-    ``grey`` is nonzero, ``mark`` yellow, ``window`` (row, col, k) red, ``ringed`` blue."""
-    for artist in [*ax.patches, *ax.texts]:
-        artist.remove()
+    """Draw ``values`` [H, W]: numbers ``shown`` (None: all), ``window`` (row, col, k) in red."""
     for (r, c), v in np.ndenumerate(values.numpy()):  # add_artist: add_patch autoscales, slowly
         face = YELLOW if (r, c) == mark else GREY if grey is not None and grey[r, c] else "white"
         ax.add_artist(Rectangle((c, r), 1, 1, facecolor=face, edgecolor="0.35"))
@@ -109,16 +81,13 @@ def _panel(ax, values, title, shown=None, grey=None, window=None, mark=None, rin
             ax.add_artist(Rectangle((c + 0.1, r + 0.1), 0.8, 0.8, fill=False, edgecolor=BLUE,
                                     linewidth=2.5, zorder=3))
     if window:
-        ax.add_artist(Rectangle(window[1::-1], window[2], window[2], facecolor=ORANGE,
-                                edgecolor="red", linewidth=3))
+        ax.add_artist(Rectangle(window[1::-1], window[2], window[2], fc=ORANGE, ec="red", lw=3))
     ax.text(0.5, 1.03, title, transform=ax.transAxes, ha="center", va="bottom", fontsize=12)
     ax.set(xlim=(-0.1, values.shape[1] + 0.1), ylim=(len(values) + 0.1, -0.1), aspect="equal")
     ax.set_axis_off()
 
-
 def gif_bytes(name: str) -> bytes:
-    """The GIF ``name`` (a key of ``GIFS``, else ValueError), looping forever: a frame per window
-    position (the output so far, pooling's winners ringed), then the output size for 4 s."""
+    """GIF ``name`` (a key of GIFS, else ValueError): a frame per window position, then the end."""
     if name not in GIFS:
         raise ValueError(f"no GIF named {name!r}: expected one of {', '.join(GIFS)}")
     if name == "convolution":
@@ -137,11 +106,12 @@ def gif_bytes(name: str) -> bytes:
         formula, figsize, widths, winners = pool_formula, (6, 3.9), (5, 2.6), pool_winners()
     frames = []  # uint8 [H, W, 3]
     with matplotlib.style.context("default"):  # the same pixels whatever the session's style
-        fig = FigureCanvasAgg(Figure(figsize=figsize, dpi=80)).figure  # and whatever its backend
-        axes = fig.subplots(1, len(widths), width_ratios=widths, gridspec_kw=dict(
-            left=0.02, right=0.98, top=0.88, bottom=0.17, wspace=0.15))
-        caption = fig.text(0.5, 0.04, "", ha="center", family="monospace", fontsize=12)
         for i, step in enumerate([*steps, None]):
+            fig = FigureCanvasAgg(Figure(figsize=figsize, dpi=80)).figure  # whatever the backend
+            axes = fig.subplots(1, len(widths), width_ratios=widths, gridspec_kw=dict(
+                left=0.02, right=0.98, top=0.88, bottom=0.17, wspace=0.15))
+            fig.text(0.5, 0.04, formula(step) if step else f"output size {size} = {len(output)}",
+                     ha="center", family="monospace", fontsize=12)
             done = {s.out for s in steps[:i + 1]}
             panels = [*inputs, dict(values=output, title=f"output {len(output)}x{len(output)}",
                                     shown=done, mark=step and step.out, ringed=winners and done)]
@@ -149,34 +119,29 @@ def gif_bytes(name: str) -> bytes:
                              ringed=set(winners[:i + 1]))
             for ax, panel in zip(axes, panels):
                 _panel(ax, **panel)
-            caption.set_text(formula(step) if step else f"output size {size} = {len(output)}")
             fig.canvas.draw()
-            frames.append(np.asarray(fig.canvas.buffer_rgba())[..., :3].copy())
+            frames.append(np.asarray(fig.canvas.buffer_rgba())[..., :3])
     palette = Image.fromarray(np.concatenate(frames)).quantize(PALETTE_COLORS, Image.MEDIANCUT)
     indexed = [Image.fromarray(f).quantize(palette=palette, dither=Image.NONE) for f in frames]
     indexed[0].save(buffer := io.BytesIO(), format="GIF", save_all=True, append_images=indexed[1:],
                     duration=[GIFS[name]] * len(steps) + [HOLD_MS], loop=0)
     return buffer.getvalue()
 
-
 def make_gifs(out_dir="Images") -> list[Path]:
     """Write ``NAME.gif`` for each GIF into ``out_dir`` (atomically; WriteError); return paths."""
-    paths = [make_dir(out_dir) / f"{name}.gif" for name in GIFS]
-    for path in paths:
+    for path in (paths := [make_dir(out_dir) / f"{name}.gif" for name in GIFS]):
         atomic_write(path, lambda f, data=gif_bytes(path.stem): f.write(data))
     return paths
 
-
 def show_gif(name: str) -> None:
-    """Display GIF ``name`` as an ``image/gif`` cell output: the bytes :func:`make_gifs` writes."""
+    """Display GIF ``name`` as an ``image/gif`` cell output (Colab ignores markdown attachments)."""
     from IPython.display import Image as IPythonImage, display  # notebooks only
     display(IPythonImage(data=gif_bytes(name), format="gif"))
 
-
 def refresh_notebook(notebook_path, gif_paths) -> bool:
-    """Set the ``image/gif`` outputs of code cells calling ``show_gif("NAME")`` (n-th call, n-th
-    output) to ``NAME.gif`` of ``gif_paths``; write as Jupyter does, atomically, only on a change;
-    return whether there was one. ValueError: not a notebook, or no code cell shows a GIF."""
+    """Set a code cell's n-th ``image/gif`` output to NAME.gif (of ``gif_paths``) of its n-th call
+    ``show_gif("NAME")``; write as Jupyter does, only on a change; return whether there was one.
+    ValueError: not a notebook, or no code cell shows a GIF."""
     path = Path(notebook_path)
     gifs = {Path(p).stem: base64.b64encode(Path(p).read_bytes()).decode("ascii") for p in gif_paths}
     try:

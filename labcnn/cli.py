@@ -1,4 +1,4 @@
-"""Command line: ``python -m labcnn {train,evaluate,verify,filters,gifs,bench,summary} ...``.
+"""Command line: ``python -m labcnn {train,evaluate,verify,filters,gifs,bench} ...``.
 
 One error boundary (:func:`main`): a user error, or any file-system, network or torch I/O error
 that stops a command, ends with one line ``error: ...`` on stderr and exit status 2; a warning
@@ -16,11 +16,9 @@ from pathlib import Path
 from labcnn import LabcnnError
 from labcnn.config import AMP_CHOICES, DEVICE_CHOICES, RANGES, RECIPES
 
-
 class Parser(argparse.ArgumentParser):
     def error(self, message):  # argparse's errors as the project's one line, status 2
         self.exit(2, f"error: {self.prog}: {message} (see {self.prog} --help)\n")
-
 
 def ranged(key: str):
     """An argparse type reading the option through ``RANGES[key]``: one range table."""
@@ -32,10 +30,8 @@ def ranged(key: str):
                                              f"got {text!r}") from None
     return parse
 
-
 def path(text: str) -> Path:
     return Path(text).expanduser()
-
 
 def add_data(parser, verify=True) -> None:
     parser.add_argument("--data-dir", type=path, default=Path("data"),
@@ -47,10 +43,8 @@ def add_data(parser, verify=True) -> None:
     parser.add_argument("--no-verify", dest="verify", action="store_false",
                         help="skip the MD5 checks of official-layout files")
 
-
 def add_device(parser) -> None:
     parser.add_argument("--device", help=f"{DEVICE_CHOICES} (default: auto, the best available)")
-
 
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="python -m labcnn", description="The lab's simple CNN for CIFAR-10.")
@@ -59,7 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_data(train)
     train.add_argument("--out", required=True, type=path,
                        help="run folder: checkpoint.pt, history.json, loss.png, accuracy.png")
-    train.add_argument("--recipe", default="lab", choices=RECIPES, help="named settings (default: lab)")
+    train.add_argument("--recipe", default="lab", choices=RECIPES,
+                       help="named settings (default: lab)")
     for key, text in (("epochs", "passes over the training set"), ("batch_size", "images per step"),
                       ("lr", "learning rate (the peak of a one-cycle schedule)"),
                       ("weight_decay", "L2 penalty (decoupled for AdamW)"),
@@ -81,12 +76,11 @@ def build_parser() -> argparse.ArgumentParser:
                           help="normalization mean per channel (default: the checkpoint's)")
     evaluate.add_argument("--std", type=float, nargs=3, metavar="S", help="with --mean")
     add_device(evaluate)
-    verify = commands.add_parser("verify", help="re-evaluate a run and check its figures and hashes")
+    verify = commands.add_parser("verify", help="re-evaluate a run; check its figures and hashes")
     verify.add_argument("run", type=path, metavar="RUN_DIR",
                         help="a run folder, or a weights file with its history NAME.json beside it")
     add_data(verify)
     verify.add_argument("--notebook", type=path, help="also check the figures this notebook prints")
-    commands.add_parser("summary", help="print the model's per-layer table (torchinfo)")
     filters = commands.add_parser("filters", help="count each convolution's collapsed filters")
     filters.add_argument("checkpoints", nargs="+", type=path, metavar="CHECKPOINT",
                          help="RUN/checkpoint.pt, or a file holding LabCNN's state_dict")
@@ -104,13 +98,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_device(bench)
     return parser
 
-
 def load_split(args, train: bool):
     from labcnn.data import load_cifar10
 
     return load_cifar10(args.data_dir, train=train, download=args.download, verify=args.verify,
                         url=args.download_url)
-
 
 def run_train(args) -> None:
     from labcnn.config import make_config, select_device, set_threads
@@ -122,9 +114,11 @@ def run_train(args) -> None:
     set_threads()
     device = select_device(args.device)  # checked before any data is loaded
     train_data, test_data = load_split(args, True), load_split(args, False)
-    print(f"data: {len(train_data[1])} training and {len(test_data[1])} test images from {args.data_dir}")
+    print(f"data: {len(train_data[1])} training and {len(test_data[1])} test images "
+          f"from {args.data_dir}")
     try:
-        trained = fit(config, train_data, test_data, args.out, device, log=lambda s: print(s, flush=True))
+        trained = fit(config, train_data, test_data, args.out, device,
+                      log=lambda s: print(s, flush=True))
     except KeyboardInterrupt:
         print(f"\ninterrupted: completed epochs are saved in {args.out}; run the same command to "
               "resume", file=sys.stderr)
@@ -132,7 +126,6 @@ def run_train(args) -> None:
     last = trained.history[-1]
     print(f"final test accuracy {last['test_acc']:.2%}, test loss {last['test_loss']:.4f}; "
           f"results in {args.out}")
-
 
 def run_evaluate(args) -> None:
     from labcnn.checkpoint import load_trained
@@ -149,7 +142,8 @@ def run_evaluate(args) -> None:
     print(trained.note)
     images, labels = load_split(args, False)
     result = evaluate(trained, images, labels)
-    print(f"test images {len(labels)}  loss {result['loss']:.4f}  top-1 accuracy {result['accuracy']:.2%}")
+    print(f"test images {len(labels)}  loss {result['loss']:.4f}  "
+          f"top-1 accuracy {result['accuracy']:.2%}")
     for name, acc in zip(CLASSES, result["per_class_accuracy"]):
         print(f"  {name:<10} {acc:7.2%}")
     print("confusion matrix (rows: true class, columns: predicted):")
@@ -157,47 +151,40 @@ def run_evaluate(args) -> None:
     for name, row in zip(CLASSES, result["confusion"].tolist()):
         print(f"{name:<10} " + " ".join(f"{v:5d}" for v in row))
 
-
 def run_verify(args) -> None:
     from labcnn.checkpoint import CHECKPOINT, HISTORY, load_trained, provenance, read_file
     from labcnn.train import evaluate
 
-    folder = args.run.is_dir()
-    weights = args.run / CHECKPOINT if folder else args.run
-    history_path = args.run / HISTORY if folder else args.run.with_suffix(".json")
-    trained = load_trained(weights)
+    weights, history_path = ((args.run / CHECKPOINT, args.run / HISTORY) if args.run.is_dir()
+                             else (args.run, args.run.with_suffix(".json")))
+    trained, saved = load_trained(weights), read_file(weights)
     try:
         history = json.loads(history_path.read_text())
-        last = history[-1]
-        recorded = {"accuracy": format(last["test_acc"], ".2%"),
-                    "loss": format(last["test_loss"], ".4f")}
+        recorded = {"accuracy": f"{history[-1]['test_acc']:.2%}",
+                    "loss": f"{history[-1]['test_loss']:.4f}"}
     except (ValueError, LookupError, TypeError) as e:
         raise LabcnnError(f"{history_path} is not a run's history ({type(e).__name__}: {e}): "
                           "expected a JSON list of epochs with test_acc and test_loss") from None
-    saved = read_file(weights)
-    problems = []
-    if folder and history != trained.history:
-        problems.append(f"{history_path} differs from the history saved in {weights}")
-    expected_sha = saved.get("history_sha256") if isinstance(saved, dict) else None
     facts = provenance(trained.model, history)
-    if expected_sha and expected_sha != facts["history sha256"]:
-        problems.append(f"{history_path} differs from the history {weights} was saved with")
+    problems = [f"{history_path} differs from the history saved in {weights}"] * (
+        bool(trained.history) and history != trained.history
+        or saved.get("history_sha256", facts["history sha256"]) != facts["history sha256"])
     result = evaluate(trained, *load_split(args, False))
-    for name, key, form in (("test accuracy", "accuracy", ".2%"), ("test loss", "loss", ".4f")):
+    for key, form in (("accuracy", ".2%"), ("loss", ".4f")):
         now = format(result[key], form)
-        print(f"final {name} {now} (recorded at epoch {last.get('epoch')}: {recorded[key]})")
+        print(f"final test {key} {now} (recorded at epoch {len(history)}: {recorded[key]})")
         if now != recorded[key]:
-            problems.append(f"the {name} of the weights is {now}, the history says {recorded[key]}")
+            problems.append(f"the test {key} of the weights is {now}, the history says "
+                            f"{recorded[key]}")
     for name, value in facts.items():
         print(f"{name} {value}")
     if args.notebook is not None:
-        problems += notebook_mismatches(args.notebook, format(result["accuracy"], ".2%"), facts)
+        problems += notebook_mismatches(args.notebook, f"{result['accuracy']:.2%}", facts)
     for problem in problems:
         print(f"MISMATCH: {problem}")
-    print("verified" if not problems else f"{len(problems)} mismatch(es)")
+    print(f"{len(problems)} mismatch(es)" if problems else "verified")
     if problems:
         raise SystemExit(1)
-
 
 def notebook_mismatches(notebook: Path, accuracy: str, facts: dict) -> list[str]:
     """What the notebook's outputs print that differs from the run's figures and hashes."""
@@ -206,22 +193,14 @@ def notebook_mismatches(notebook: Path, accuracy: str, facts: dict) -> list[str]
         text = "".join("".join(o.get("text", "")) for c in cells for o in c.get("outputs", []))
     except (ValueError, LookupError, TypeError, AttributeError) as e:
         raise LabcnnError(f"{notebook} is not a Jupyter notebook ({type(e).__name__})") from None
-    problems = []
     printed = re.findall(r"final test accuracy (\d+\.\d\d%)", text)
-    if not printed or any(p != accuracy for p in printed):
-        problems.append(f"{notebook} prints final test accuracy {printed or 'nowhere'}, the run has {accuracy}")
+    problems = [f"{notebook} prints final test accuracy {printed or 'nowhere'}, the run has "
+                f"{accuracy}"] * (not printed or any(p != accuracy for p in printed))
     for name, value in facts.items():
         found = re.findall(rf"{name} ([0-9a-f]+)", text)
         if found and any(f != value for f in found):
             problems.append(f"{notebook} prints {name} {found[0]}, the run has {value}")
     return problems
-
-
-def run_summary(args) -> None:
-    from labcnn.model import LabCNN, summary
-
-    print(summary(LabCNN()))
-
 
 def run_filters(args) -> None:
     from labcnn.checkpoint import load_trained
@@ -230,12 +209,12 @@ def run_filters(args) -> None:
 
     counts = {}
     for checkpoint in args.checkpoints:
-        counts[str(checkpoint)] = {k: list(v) for k, v in collapsed_filters(load_trained(checkpoint).model).items()}
-        print(f"{checkpoint}: " + ", ".join(f"{k} {c} of {n}" for k, (c, n) in counts[str(checkpoint)].items())
+        found = collapsed_filters(load_trained(checkpoint).model)
+        counts[str(checkpoint)] = {k: list(v) for k, v in found.items()}
+        print(f"{checkpoint}: " + ", ".join(f"{k} {c} of {n}" for k, (c, n) in found.items())
               + f" filters with an L2 norm below {COLLAPSE_NORM}")
     if args.json:
         write_json(args.json, counts)
-
 
 def run_gifs(args) -> None:
     from labcnn.animations import make_gifs, refresh_notebook
@@ -248,7 +227,6 @@ def run_gifs(args) -> None:
             print(f"refreshed the GIF outputs of {args.notebook}")
     except ValueError as e:  # not a notebook, or none of its cells shows a GIF
         raise LabcnnError(str(e)) from None
-
 
 def run_bench(args) -> None:
     from labcnn import bench
@@ -267,14 +245,11 @@ def run_bench(args) -> None:
                        log=lambda s: print(s, flush=True))
     bench.report(result)
 
-
-COMMANDS = {"train": run_train, "evaluate": run_evaluate, "verify": run_verify, "summary": run_summary,
+COMMANDS = {"train": run_train, "evaluate": run_evaluate, "verify": run_verify,
             "filters": run_filters, "gifs": run_gifs, "bench": run_bench}
-
 
 def show_warning(message, category, filename, lineno, file=None, line=None) -> None:
     print(f"warning: {message}", file=sys.stderr)
-
 
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns the exit status (0, 1 for a failed verify, 2, 130)."""

@@ -71,8 +71,7 @@ def visible(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.name[0] != "." and p.name not in LITTER)
 
 
-def search_folders(root: Path) -> list[Path]:
-    """``root`` and its visible subfolders: where the search rule looks, in that order."""
+def search_folders(root: Path) -> list[Path]:  # root, then its visible subfolders
     return [root, *(p for p in visible(root) if p.is_dir())] if root.is_dir() else [root]
 
 
@@ -84,7 +83,7 @@ def missing_files(folder: Path) -> list[str]:  # torchvision's lists, read when 
 def layouts_in(folder: Path) -> dict[str, Path]:  # {kind: path} by the search rule
     found = {"batches": f for f in (folder / BATCHES_DIR, folder) if len(missing_files(f)) < 7}
     if archive := min((p for p in (visible(folder) if folder.is_dir() else []) if p.is_file()
-                       and any(map(p.match, ARCHIVES)) and zip_holds(p)),
+                       and any(map(p.match, ARCHIVES)) and (p.suffix != ".zip" or zip_holds(p))),
                       key=lambda p: (p.name != ARCHIVE, p.name), default=None):
         found["archive"] = archive  # the release's own name first
     if (folder / "train").is_dir() or (folder / "test").is_dir():
@@ -111,11 +110,11 @@ def unpacked(folder: Path, source: Path | str, verify: bool) -> Path:
     try:
         with staged_dir(make_dir(folder) / BATCHES_DIR) as scratch:
             if isinstance(source, str):
-                fetch(source, scratch / ARCHIVE, folder)
-                unpack(scratch / ARCHIVE, scratch, f"the file downloaded from {source}", verify)
-                (scratch / ARCHIVE).unlink()
+                fetch(source, archive := Path(scratch, ARCHIVE), folder)
+                unpack(archive, Path(scratch), f"the file downloaded from {source}", verify)
+                archive.unlink()
             else:  # the MD5 is the gzip archive's, as released; others' files are checked on read
-                unpack(source, scratch, str(source), verify and source.name.endswith(".gz"))
+                unpack(source, Path(scratch), str(source), verify and source.name.endswith(".gz"))
     except WriteError as e:
         raise WriteError(folder, e.reason, f"{advice} (command line: --data-dir DIR)") from None
     if len(missing_files(folder / BATCHES_DIR)) == 7:  # staged_dir kept a folder that was there
@@ -220,8 +219,9 @@ def read_batches(folder: Path, train: bool, verify: bool):
     batches, meta = CIFAR10.train_list if train else CIFAR10.test_list, folder / "batches.meta"
     for name, md5 in batches + [[meta.name, CIFAR10.meta["md5"]]]:
         check_file(folder / name, md5 if verify else None)
-    names = read_pickle(meta).get("label_names")
-    if names and [str(n, "latin1") if isinstance(n, bytes) else n for n in names] != list(CLASSES):
+    names = read_pickle(meta).get("label_names", CLASSES)
+    if not isinstance(names, (list, tuple)) or [
+            str(n, "latin1") if isinstance(n, bytes) else n for n in names] != list(CLASSES):
         raise DataError(f"{meta}: label_names {names} are not CIFAR-10's {list(CLASSES)}")
     images, labels = [], []
     for path in (folder / name for name, _ in batches):
@@ -234,7 +234,7 @@ def read_batches(folder: Path, train: bool, verify: bool):
             ok = False
         if not ok or len(y) and not 0 <= y.min() <= y.max() < 10:
             raise DataError(f"{path}: expected 'data' uint8 [N, 3072] and 'labels' N integers in "
-                            f"0..9, found keys {sorted(entry)}")
+                            f"0..9, found keys {sorted(map(str, entry))}")
         images.append(torch.from_numpy(data.reshape(-1, 3, 32, 32).copy()))
         labels.append(y)
     return torch.cat(images), torch.cat(labels)

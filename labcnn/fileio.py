@@ -1,9 +1,6 @@
-"""Every file and folder labcnn writes goes through here: one atomic writer, one staged folder,
-one run-folder lock, one warning per optional write that fails.
-
-The writer writes a hidden temporary file in the target's folder, flushes and ``fsync``s it,
-then ``os.replace``s it onto the target: a crash, kill or full disk at any point leaves the
-previous file whole (a kill may leave a ``.NAME.*.tmp`` file, which is never read).
+"""Every file and folder labcnn writes goes through here: one atomic writer (a hidden temporary
+file, ``fsync``, ``os.replace``: a crash or full disk leaves the previous file whole), one staged
+folder, one run-folder lock, and one warning per optional write that fails.
 """
 from __future__ import annotations
 
@@ -28,13 +25,11 @@ LOCK = ".lock"
 NO_LOCKS = {errno.ENOLCK, errno.ENOSYS, errno.EBADF, errno.EOPNOTSUPP, errno.EINVAL}
 _warned: set[str] = set()
 
-
 def warn_once(message: str) -> None:
     """``warnings.warn(message)`` the first time this process meets ``message``; then silence."""
     if message not in _warned:
         _warned.add(message)
         warnings.warn(message, UserWarning, stacklevel=2)
-
 
 def reason(error: BaseException) -> str:
     """``error`` in a few words: an OSError's ``strerror``, else its message's first line."""
@@ -43,21 +38,14 @@ def reason(error: BaseException) -> str:
     text = str(error).strip()
     return text.splitlines()[0] if text else type(error).__name__
 
-
 _MASK = os.umask(0)  # read once, at import: umask() sets it for every thread of the process
 os.umask(_MASK)
 FILE_MODE = 0o666 & ~_MASK  # what open() gives; mkstemp alone gives 0o600
 
-
 def atomic_write(path, write) -> None:
-    """Create ``path`` by calling ``write(f)`` on a binary file, atomically (see the module).
-
-    A file system that refuses ``chmod`` (FAT, exFAT, SMB) keeps its own modes: not an error.
-
-    Raises:
-        WriteError: the folder is missing or unwritable, the disk is full, or ``write`` raised
-            OSError or RuntimeError (``torch.save`` reports a full disk so). Names ``path``.
-    """
+    """Create ``path`` by calling ``write(f)`` on a binary file, atomically. Raises WriteError
+    naming ``path`` when the folder is unwritable, the disk full, or ``write`` raised OSError or
+    RuntimeError (``torch.save``'s full disk); a refused ``chmod`` (FAT, SMB) is no error."""
     path = Path(path)
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -79,12 +67,10 @@ def atomic_write(path, write) -> None:
             raise WriteError(path, reason(e)) from None
         raise
 
-
 def write_json(path, value) -> None:
-    """``value`` as strict JSON (NaN and infinities raise ValueError), through :func:`atomic_write`."""
+    """``value`` as strict JSON (NaN and infinities raise ValueError), written atomically."""
     text = json.dumps(value, indent=1, allow_nan=False) + "\n"
     atomic_write(path, lambda f: f.write(text.encode()))
-
 
 def make_dir(folder) -> Path:
     """``mkdir -p folder``; raises :class:`WriteError` naming it if that fails."""
@@ -95,7 +81,6 @@ def make_dir(folder) -> Path:
         raise WriteError(folder, reason(e)) from None
     return folder
 
-
 @contextmanager
 def staged_dir(target):
     """Yield an empty hidden folder beside ``target``, renamed to ``target`` when the block
@@ -103,7 +88,7 @@ def staged_dir(target):
     put ``target`` in place first, its copy is kept. Raises :class:`WriteError`."""
     target = Path(target)
     try:
-        scratch = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+        scratch = tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     except OSError as e:
         raise WriteError(target.parent, reason(e)) from None
     try:
@@ -116,18 +101,11 @@ def staged_dir(target):
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
-
 @contextmanager
 def run_lock(folder):
-    """Hold ``folder``'s lock (``fcntl.flock`` on ``folder/.lock``) for the block.
-
-    Where the file system has no locks (NFS without lockd, Lustre or GPFS without flock) or the
-    lock file cannot be made, the run goes on unlocked after one warning.
-
-    Raises:
-        RunFolderBusy: another process holds the lock.
-        WriteError: ``flock`` failed otherwise (an I/O error); names the lock file.
-    """
+    """Hold ``folder``'s lock (``flock`` on ``folder/.lock``) for the block; RunFolderBusy when
+    another process holds it. Without locks (NFS without lockd, Lustre or GPFS without flock) or
+    a lock file, the run goes on after one warning; another flock failure is a WriteError."""
     lock = Path(folder) / LOCK
     try:
         handle = open(lock, "a") if fcntl is not None else None

@@ -163,14 +163,11 @@ def test_resume_with_other_settings_or_data_is_refused_and_overwrites_nothing(tr
     assert message.startswith(f"{run_dir / 'checkpoint.pt'} ") and "\n" not in message
     if change == "settings":
         assert "other settings: lr=0.001 (now 0.002)." in message
+    original = {"train": train, "test": test}
     for split in ("train", "test"):
-        named = f"{split} images (fingerprint {C.fingerprint(*data.get(split))}"
-        if split in change:
-            old = C.fingerprint(*(train if split == "train" else test))
-            assert "other data" in message and f"{split} images (fingerprint {old}, now " \
-                   f"{C.fingerprint(*data[split])})" in message
-        else:
-            assert named not in message
+        old, now = C.fingerprint(*original[split]), C.fingerprint(*data[split])
+        assert (f"{split} images (fingerprint {old}, now {now})" in message) == (split in change)
+    assert ("other data" in message) == (change != "settings")
     assert {p.name: p.read_bytes() for p in run_dir.iterdir()} == before
 
 
@@ -240,10 +237,10 @@ def test_checkpoint_of_the_previous_version_resumes(tree_data, run_dir, run):
 
 @pytest.mark.parametrize("error", [OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)),
                                    RuntimeError("No space left on device\nmore")])
-def test_full_disk_keeps_the_previous_checkpoint(tree_data, tmp_path, monkeypatch, error):
+def test_full_disk_keeps_the_previous_checkpoint(tree_data, run_dir, monkeypatch, error):
     """``torch.save`` reports a full disk as OSError or, from its zip writer, as RuntimeError."""
     _, train, test = tree_data
-    real_save, disk = torch.save, {"full": False}
+    real_save, disk = torch.save, {"full": True}
 
     def save(obj, f, *args, **kwargs):
         if not disk["full"]:
@@ -251,20 +248,17 @@ def test_full_disk_keeps_the_previous_checkpoint(tree_data, tmp_path, monkeypatc
         f.write(b"the first bytes of a checkpoint")
         raise error
 
-    def log(line):
-        disk["full"] |= line.startswith("epoch 1/")
-
     monkeypatch.setattr(torch, "save", save)
-    with pytest.raises(WriteError) as info:
-        fit(CONFIG, train, test, run_dir=tmp_path, device="cpu", log=log)
-    assert re.fullmatch(rf"cannot write {re.escape(str(tmp_path / 'checkpoint.pt'))} \(No space left on "
+    before = {p.name: p.read_bytes() for p in run_dir.iterdir()}
+    with pytest.raises(WriteError) as info:  # at the end of epoch 2
+        fit(CONFIG, train, test, run_dir=run_dir, device="cpu", log=quiet)
+    assert re.fullmatch(rf"cannot write {re.escape(str(run_dir / 'checkpoint.pt'))} \(No space left on "
                         r"device\): the previous checkpoint.pt is kept; .*", str(info.value))
-    assert C.load_checkpoint(tmp_path / "checkpoint.pt")["epoch"] == 1
-    assert sorted(p.name for p in tmp_path.iterdir()) == RUN_FILES  # no temporary file left
+    assert {p.name: p.read_bytes() for p in run_dir.iterdir()} == before  # no temporary file left
     disk["full"] = False
     lines = []
-    assert len(fit(CONFIG, train, test, run_dir=tmp_path, device="cpu", log=lines.append).history) == 2
-    assert f"resuming: 1 of 2 epochs restored from {tmp_path}" in lines
+    assert len(fit(CONFIG, train, test, run_dir=run_dir, device="cpu", log=lines.append).history) == 2
+    assert f"resuming: 1 of 2 epochs restored from {run_dir}" in lines
 
 
 def test_unusable_run_folder_fails_before_training(tree_data, tmp_path):
@@ -333,6 +327,8 @@ def test_gpu_checkpoint_loads_on_a_cpu_only_machine(tmp_path, monkeypatch):
         m.setattr(torch.serialization, "location_tag", lambda storage: "cuda:0")
         torch.save(checkpoint_state(), path)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(RuntimeError, match="on a CUDA device"):  # the file really is a GPU's
+        torch.load(path, weights_only=True)
     assert all(t.device.type == "cpu" for t in C.load_checkpoint(path)["model"].values())
     trained = C.load_trained(path)
     assert next(trained.model.parameters()).device.type == "cpu" and trained.config.epochs == 50

@@ -72,11 +72,6 @@ def test_train_then_evaluate(run, capsys):
     assert "confusion matrix" in printed and "airplane" in printed
 
 
-def test_summary(capsys):
-    assert main(["summary"]) == 0
-    assert "Total params: 600,746" in capsys.readouterr().out
-
-
 def subparsers() -> dict:
     parser = cli.build_parser()
     action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
@@ -85,7 +80,7 @@ def subparsers() -> dict:
 
 def test_help_for_each_command_and_a_help_line_for_each_option(capsys):
     commands = subparsers()
-    assert set(commands) == {"train", "evaluate", "verify", "summary", "filters", "gifs", "bench"}
+    assert set(commands) == {"train", "evaluate", "verify", "filters", "gifs", "bench"}
     for command in ([], *([c] for c in commands)):
         assert status([*command, "--help"]) == 0
         assert capsys.readouterr().out.startswith(f"usage: python -m labcnn {' '.join(command)}")

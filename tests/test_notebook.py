@@ -88,7 +88,8 @@ def test_beside_a_clone_every_section_prints_its_committed_runs(executed):
     text = "".join(outputs(executed["clone"][1]))
     assert NOT_FOUND not in text
     results = REPO / "results"
-    for name in ("lab-5ep-seed1", "lab-avx2", "lab-5ep-adamw-wd0.01-seed1", "improved"):
+    for name in ("lab-5ep-seed1", "lab-unrecorded-cpu", "lab-loaded-cpu", "lab-5ep-adamw-wd0.01-seed1",
+                 "improved"):
         history = json.loads((results / f"{name}.json").read_text())
         assert f"{history[-1]['test_acc']:.2%}" in text, name
 

@@ -119,8 +119,8 @@ def test_epoch_generators_differ_by_seed_and_epoch():
 
 
 def test_format_duration():
-    assert [T.format_duration(s) for s in (0.4, 37, 59.6, 2472, 7500, 36000)] == [
-        "0 s", "37 s", "1 min 0 s", "41 min 12 s", "2 h 05 min", "10 h 00 min"]
+    assert [T.format_duration(s) for s in (0.4, 37, 2472, 3599.6, 7500, 36000)] == [
+        "0 s", "37 s", "41 min 12 s", "1 h 00 min", "2 h 05 min", "10 h 00 min"]
 
 
 # ---------------------------------------------------------------- one epoch, evaluation
@@ -243,13 +243,22 @@ def test_last_training_batch_of_one_image(tree_data):
     assert math.isfinite(T.fit(config, train, test, device="cpu", log=quiet).history[0]["train_loss"])
 
 
-def test_fit_trains_the_model_it_is_given(tree_data):
+def test_fit_trains_the_model_it_is_given_and_replays_its_run(tree_data, tmp_path):
+    """The notebook's experiments: another network, in a run folder that a re-run replays."""
     _, train, test = tree_data
-    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, 10))
+
+    def network():
+        return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, 10))
+
+    config, model = make_config(**{**QUICK, "epochs": 1}), network()
     before = model[1].weight.detach().clone()
-    trained = T.fit(make_config(**{**QUICK, "epochs": 1}), train, test, device="cpu", log=quiet, model=model)
+    trained = T.fit(config, train, test, run_dir=tmp_path, device="cpu", log=quiet, model=model)
     assert trained.model is model and not torch.equal(before, model[1].weight)
     assert trained.history[0]["test_acc"] > 0.3
+    lines, again = [], network()
+    replayed = T.fit(config, train, test, run_dir=tmp_path, device="cpu", log=lines.append, model=again)
+    assert f"run complete: 1 of 1 epochs restored from {tmp_path}" in lines
+    assert replayed.history == trained.history and torch.equal(again[1].weight, model[1].weight)
 
 
 @pytest.mark.parametrize("recipe", sorted(RECIPES))
@@ -389,10 +398,10 @@ def test_ctrl_c_then_kill_9_then_resume_ends_like_an_uninterrupted_run(tmp_path)
     proc.kill()
     proc.wait()
     done = check_folder(done)
-    # resume the killed run here, after the uninterrupted one
+    # the uninterrupted run, then the killed one resumed here (its lock died with it)
     reference = T.fit(make_config(epochs=epochs, **TRAIN_ARGS), load(root), load(root, train=False),
                       device="cpu", log=quiet)
-    lines = []  # the killed run's lock died with it
+    lines = []
     resumed = T.fit(make_config(epochs=epochs, **TRAIN_ARGS), load(root), load(root, train=False),
                     run_dir=out, device="cpu", log=lines.append)
     assert f"resuming: {done} of {epochs} epochs restored from {out}" in lines
