@@ -1,27 +1,17 @@
-"""Training throughput of LabCNN through three input pipelines, against the machine's matmul peak.
-
-Each contender trains a fresh LabCNN (same seed, lab recipe) on the same images: (a) baseline,
-the PyTorch CIFAR-10 tutorial (a PIL image per sample, ToTensor + Normalize, DataLoader, loss.item()
-every step); (b) labcnn, train_one_epoch on in-memory uint8 tensors, channels_last, as fit runs;
-(c) ceiling, the model step alone on pre-staged batches; (b16), (c16): (b), (c) under bfloat16
-autocast where the device computes it natively (emulated, it is slower than float32). Rounds
-alternate (a, b, c, matmuls, a, ...); each figure is the fastest round (timeit: slower rounds
-measure other load). Images/s, seconds, GFLOP/s.
-"""
-from __future__ import annotations
-
-import itertools
+"""Training images/s: (a) baseline, the PyTorch CIFAR-10 tutorial (PIL images, DataLoader, a
+loss.item() per step); (b) labcnn, train_one_epoch as fit runs it; (c) ceiling, the step alone on
+staged batches; (b16), (c16) in bfloat16; matmul peak GFLOP/s. Rounds alternate, fastest kept."""
 import json
-import math
 import statistics
 import time
+from itertools import chain, count, cycle, islice, repeat
 
 import torch
 import torch.nn.functional as F
-from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 from torch.utils.flop_counter import FlopCounterMode
 from torchvision import transforms
+from torchvision.datasets import CIFAR10, VisionDataset
 
 from labcnn import ConfigError
 from labcnn.config import bf16_absence, describe_device, make_config, native_bf16
@@ -32,14 +22,15 @@ WARMUP_STEPS = 5  # untimed training steps per contender before the rounds
 MATMUL_SIZE = 2048  # the peak's n x n @ n x n product: 2 n^3 FLOPs
 NAMES = {"baseline": "(a) baseline", "labcnn": "(b) labcnn", "ceiling": "(c) ceiling",
          "labcnn_bf16": "(b16) labcnn bf16", "ceiling_bf16": "(c16) ceiling bf16"}
-
+RATIOS = {"speedup_vs_baseline": ("labcnn", "baseline"),  # a / b, of their fastest rounds
+          "fraction_of_ceiling": ("labcnn", "ceiling"),
+          "fraction_of_ceiling_bf16": ("labcnn_bf16", "ceiling_bf16")}
 
 def random_data(n: int = 10_000, seed: int = 0):
     """Random uint8 ``[n, 3, 32, 32]`` images, int64 ``[n]`` labels (timings ignore pixels)."""
     gen = torch.Generator().manual_seed(seed)
     images = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=gen)
     return images, torch.randint(0, 10, (n,), generator=gen)
-
 
 def timed(device: torch.device, work, *args, **kwargs) -> float:
     """Seconds of ``work(*args, **kwargs)``, between device syncs so that queued work counts."""
@@ -50,20 +41,13 @@ def timed(device: torch.device, work, *args, **kwargs) -> float:
     sync(device)
     return time.perf_counter() - start
 
+class TutorialCIFAR10(CIFAR10):
+    """torchvision's CIFAR10 (a PIL image per sample) on in-memory images, as in the tutorial."""
 
-class TutorialCIFAR10(Dataset):
-    """Images served like torchvision.datasets.CIFAR10: HWC uint8 data, a PIL image per sample."""
-    transform = transforms.Compose([transforms.ToTensor(), transforms.Normalize(LAB_MEAN, LAB_STD)])
-
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor):
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor):  # not CIFAR10's: no files
+        VisionDataset.__init__(self, None, transform=transforms.Compose(
+            [transforms.ToTensor(), transforms.Normalize(LAB_MEAN, LAB_STD)]))
         self.data, self.targets = images.permute(0, 2, 3, 1).contiguous().numpy(), labels.tolist()
-
-    def __len__(self) -> int:
-        return len(self.targets)
-
-    def __getitem__(self, index: int):
-        return self.transform(Image.fromarray(self.data[index])), self.targets[index]
-
 
 def contender(name: str, images, labels, config, device, seed: int, staged: int):
     """``train(n)``: contender ``name`` (a key of NAMES) trains a fresh LabCNN on ``n`` images
@@ -71,29 +55,24 @@ def contender(name: str, images, labels, config, device, seed: int, staged: int)
     dtype, size = torch.bfloat16 if name.endswith("bf16") else None, config.batch_size
     torch.manual_seed(seed)
     fmt = torch.contiguous_format if name == "baseline" else torch.channels_last
-    model = LabCNN().to(device, memory_format=fmt)
-    optimizer = make_optimizer(config, model)
+    optimizer = make_optimizer(config, model := LabCNN().to(device, memory_format=fmt))
     if name == "baseline":  # num_workers=0: the tutorial's 2 would share a 2-core CPU
         loader = DataLoader(TutorialCIFAR10(images, labels), batch_size=size, shuffle=True,
                             generator=torch.Generator().manual_seed(seed))
-        stream = itertools.chain.from_iterable(itertools.repeat(loader))  # reshuffled each pass
+        stream = chain.from_iterable(repeat(loader))  # reshuffled each pass
     else:  # one epoch's batches after another, as fit draws them
         images, labels = images.to(device), labels.to(device)
-        stream = itertools.chain.from_iterable(
-            batches(images, labels, size, epoch_generator(seed, epoch), LAB_NORMALIZATION)
-            for epoch in itertools.count(1))
+        stream = chain.from_iterable(batches(images, labels, size, epoch_generator(seed, epoch),
+                                             LAB_NORMALIZATION) for epoch in count(1))
         if name.startswith("labcnn"):
-            return lambda n: train_one_epoch(model, optimizer, itertools.islice(stream, n // size),
+            return lambda n: train_one_epoch(model, optimizer, islice(stream, n // size),
                                              n // size, dtype=dtype)
-        stream = itertools.cycle(list(itertools.islice(stream, min(staged, len(labels)) // size)))
+        stream = cycle(list(islice(stream, min(staged, len(labels)) // size)))
 
-    def train(n: int) -> None:
-        model.train()
-        for x, y in itertools.islice(stream, n // size):
-            x, y = x.to(device), y.to(device)
+    def train(n: int) -> None:  # the model stays in train mode: nothing here evaluates
+        for x, y in islice(stream, n // size):
             with torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=bool(dtype)):
-                logits = model(x)
-            loss = F.cross_entropy(logits.float(), y)
+                loss = F.cross_entropy(model(x.to(device)).float(), y.to(device))
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
@@ -101,38 +80,30 @@ def contender(name: str, images, labels, config, device, seed: int, staged: int)
                 loss.item()  # the tutorial's running loss: a device sync every step
     return train
 
-
 def matmul(device: torch.device, dtype: torch.dtype):
     """``measure()``: GFLOP/s of one MATMUL_SIZE-square product in ``dtype`` on ``device``."""
     a, b = torch.rand(2, MATMUL_SIZE, MATMUL_SIZE, dtype=dtype, device=device)
-    out = torch.empty_like(a)
-    torch.mm(a, b, out=out)  # untimed: the first product pays for kernel selection and caches
+    out = torch.mm(a, b)  # untimed: the first product pays for kernel selection and caches
     return lambda: 2 * MATMUL_SIZE**3 / timed(device, torch.mm, a, b, out=out) / 1e9
 
-
 def flops_per_image(batch_size: int = 100) -> float:
-    """FLOPs per image of a training step (forward, cross-entropy, backward) as FlopCounterMode
-    counts them (convolutions, matrix products; a multiply-add is 2) on the meta device."""
+    """FLOPs (a multiply-add is 2) per image of one training step, by FlopCounterMode on meta."""
     model = LabCNN().to("meta", memory_format=torch.channels_last)
     x, y = torch.zeros(batch_size, 3, 32, 32, device="meta"), torch.zeros(batch_size).long()
     with FlopCounterMode(display=False) as counter:
         F.cross_entropy(model(x), y.to("meta")).backward()
     return counter.get_total_flops() / batch_size
 
-
 def run(images, labels, device="cpu", images_per_round: int = 10_000, rounds: int = 5,
         batch_size: int = 100, seed: int = 0, bf16: bool | None = None, log=print) -> dict:
-    """The dict :func:`report` prints, from ``rounds`` alternating rounds of the contenders and
-    matmuls on uint8 ``[N, 3, 32, 32]`` images, int64 ``[N]`` labels (CPU; N and images_per_round
-    in whole batches). ``bf16``: None = where native. Raises ConfigError: N < batch_size."""
-    device = torch.device(device)
-    native = native_bf16(device)
+    """:func:`report`'s dict, from uint8 [N, 3, 32, 32] images, int64 [N] labels (CPU), in whole
+    batches; ``bf16`` None: where native (emulated, it is slower). ConfigError: N < batch_size."""
+    native = native_bf16(device := torch.device(device))
     bf16 = native if bf16 is None else bf16
     config = make_config("lab", batch_size=batch_size, seed=seed)
-    n = len(labels) - len(labels) % batch_size
-    if n == 0:
+    if (n := len(labels) // batch_size * batch_size) == 0:
         raise ConfigError(f"the bench needs a batch of {batch_size} images, got {len(labels)}")
-    per_round = math.ceil(images_per_round / batch_size) * batch_size
+    per_round = -(-images_per_round // batch_size) * batch_size
     log(f"bench: LabCNN, lab recipe, batch {batch_size}, {n} images, {describe_device(device)}; "
         f"{rounds} round(s) of {per_round} images per contender, fastest round reported")
     contenders, warm = {}, {}
@@ -162,25 +133,19 @@ def run(images, labels, device="cpu", images_per_round: int = 10_000, rounds: in
         result["bf16_emulated"] = True
     return result
 
-
 def summarize(speeds: dict, peaks: dict, flops: float) -> dict:
     """:func:`run`'s figures from per-round images/s, matmul GFLOP/s and ``flops`` per image."""
     best = {name: max(s) for name, s in speeds.items()}
     step = {p: best["labcnn_bf16" if p == "bfloat16" else "labcnn"] * flops / 1e9 for p in peaks}
-    result = {f"{name}_img_s": speed for name, speed in best.items()}
-    result.update(speedup_vs_baseline=round(best["labcnn"] / best["baseline"], 4),
-                  fraction_of_ceiling=round(best["labcnn"] / best["ceiling"], 4))
-    if "labcnn_bf16" in best:
-        result["fraction_of_ceiling_bf16"] = round(best["labcnn_bf16"] / best["ceiling_bf16"], 4)
     top = [max(v for k, v in best.items() if k.startswith(c)) for c in ("labcnn", "ceiling")]
-    result.update(fraction_of_fastest_ceiling=round(top[0] / top[1], 4),
-                  gflop_per_image=flops / 1e9,
-                  matmul_peak_gflop_s={p: round(max(s), 1) for p, s in peaks.items()},
-                  step_gflop_s={p: round(gflop_s, 1) for p, gflop_s in step.items()},
-                  fraction_of_matmul_peak={p: round(step[p] / max(peaks[p]), 4) for p in peaks},
-                  median_img_s={name: round(statistics.median(s), 1) for name, s in speeds.items()})
-    return result
-
+    return {**{f"{name}_img_s": speed for name, speed in best.items()},
+            **{key: round(best[a] / best[b], 4) for key, (a, b) in RATIOS.items() if a in best},
+            "fraction_of_fastest_ceiling": round(top[0] / top[1], 4),
+            "gflop_per_image": flops / 1e9,
+            "matmul_peak_gflop_s": {p: round(max(s), 1) for p, s in peaks.items()},
+            "step_gflop_s": {p: round(gflop_s, 1) for p, gflop_s in step.items()},
+            "fraction_of_matmul_peak": {p: round(step[p] / max(peaks[p]), 4) for p in peaks},
+            "median_img_s": {k: round(statistics.median(s), 1) for k, s in speeds.items()}}
 
 def report(result: dict, log=print) -> None:
     """Log the table (images/s, s per 50,000-image epoch), ratios and peaks, then one JSON line."""

@@ -30,13 +30,11 @@ PREFIXES = ("module.", "_orig_mod.")  # added by DataParallel/DDP and by torch.c
 ACCEPTED = ("accepted: a checkpoint.pt written by python -m labcnn train, or the lab network's "
             "state_dict, alone or under 'model_state_dict' or 'state_dict'")
 
-
 def fingerprint(images: torch.Tensor, labels: torch.Tensor) -> str:
     """SHA-256 (hex, first 16 digits) of uint8 images ``[N, 3, 32, 32]`` and int64 labels ``[N]``."""
     digest = hashlib.sha256(images.contiguous().numpy().tobytes())
     digest.update(labels.to(torch.int64).contiguous().numpy().tobytes())
     return digest.hexdigest()[:16]
-
 
 def provenance(model, history: list[dict]) -> dict[str, str]:
     """``weights sha256`` (of the state dict's names and tensor bytes, whatever file holds them)
@@ -48,14 +46,12 @@ def provenance(model, history: list[dict]) -> dict[str, str]:
     text = json.dumps(history, sort_keys=True).encode()
     return {"weights sha256": weights.hexdigest(), "history sha256": hashlib.sha256(text).hexdigest()}
 
-
 def export(path, trained: Trained) -> None:
     """Write ``trained``'s weights as a state dict (about 2.4 MB), with its history's SHA-256,
     for ``python -m labcnn evaluate --checkpoint`` and ``verify``. Raises WriteError."""
     state = {"state_dict": trained.model.state_dict(),
              "history_sha256": provenance(trained.model, trained.history)["history sha256"]}
     atomic_write(path, lambda f: torch.save(state, f))
-
 
 @contextmanager
 def run_folder(run_dir):
@@ -67,7 +63,6 @@ def run_folder(run_dir):
     folder = make_dir(Path(run_dir).expanduser())
     with run_lock(folder):
         yield folder
-
 
 def save(folder: Path, trained: Trained, data: dict, model, optimizer, scheduler, scaler) -> None:
     """Write ``checkpoint.pt``, then ``history.json``, ``loss.png`` and ``accuracy.png``.
@@ -91,7 +86,6 @@ def save(folder: Path, trained: Trained, data: dict, model, optimizer, scheduler
     from labcnn import plots  # matplotlib only once a run folder is written
 
     plots.save_curves(folder, trained.history)
-
 
 def resume(folder, config, data: dict, model, optimizer, scheduler, scaler) -> list[dict]:
     """Restore the run in ``folder`` into the given objects; return its history (``[]``: none).
@@ -123,14 +117,12 @@ def resume(folder, config, data: dict, model, optimizer, scheduler, scaler) -> l
     write_json(Path(folder) / HISTORY, state["history"])  # a kill between two writes: resync it
     return state["history"]
 
-
 def saved_config(path, state: dict):
     """The checkpoint's TrainConfig; fields it predates read as their defaults."""
     try:
         return config_from_dict(state["config"])
     except (ConfigError, TypeError) as e:
         raise CheckpointError(f"{path} {e}") from None
-
 
 def read_file(path):
     """``torch.load(path, map_location="cpu", weights_only=True)`` with one-line errors: no such
@@ -155,7 +147,6 @@ def read_file(path):
     except Exception as e:
         raise CheckpointError(f"{damaged} ({type(e).__name__})") from None
 
-
 def load_checkpoint(path) -> dict:
     """A labcnn checkpoint (see :func:`save`), loaded on the CPU. Raises CheckpointError: as
     :func:`read_file`, not a labcnn checkpoint, from a newer labcnn, or lacking a key."""
@@ -163,7 +154,6 @@ def load_checkpoint(path) -> dict:
     if not is_checkpoint(path, state):
         raise CheckpointError(f"{path} is not a labcnn checkpoint: {describe(state)}")
     return state
-
 
 def is_checkpoint(path, state) -> bool:
     """Whether ``state`` is a labcnn checkpoint this version reads; CheckpointError when it is
@@ -179,7 +169,6 @@ def is_checkpoint(path, state) -> bool:
     if missing:
         raise CheckpointError(f"{path} lacks {missing}: expected a complete {name} checkpoint")
     return True
-
 
 def load_trained(path, device="cpu", normalization: Normalization | None = None) -> Trained:
     """The one way to load a trained model: a labcnn checkpoint, or a bare or wrapped state dict
@@ -209,15 +198,12 @@ def load_trained(path, device="cpu", normalization: Normalization | None = None)
     trained.model.to(device, memory_format=torch.channels_last).eval()
     return trained
 
-
 def fmt(values) -> str:
     return "(" + ", ".join(f"{v:.4f}" for v in values) + ")"
-
 
 def is_state_dict(value) -> bool:
     return isinstance(value, dict) and bool(value) and all(
         isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in value.items())
-
 
 def bare_state_dict(path, state) -> dict:
     """LabCNN's weights from a bare or wrapped state dict, prefixes stripped; else CheckpointError."""
@@ -231,14 +217,12 @@ def bare_state_dict(path, state) -> dict:
             state = {k[len(prefix):]: v for k, v in state.items()}
     return state
 
-
 def describe(value) -> str:
     """A few words on what a loaded file holds, for error messages."""
     if isinstance(value, dict):
         keys = list(value)
         return f"found a dict with keys {keys[:6]}{' ...' if len(keys) > 6 else ''}"
     return f"found a {type(value).__name__}"
-
 
 def load_weights(path, model: LabCNN, weights) -> None:
     """Load ``weights`` into ``model`` after comparing names and shapes with LabCNN's own.

@@ -88,7 +88,8 @@ def staged_dir(target):
     put ``target`` in place first, its copy is kept. Raises :class:`WriteError`."""
     target = Path(target)
     try:
-        scratch = tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+        scratch = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp",
+                                        dir=target.parent))
     except OSError as e:
         raise WriteError(target.parent, reason(e)) from None
     try:

@@ -20,7 +20,6 @@ KERNEL_SIZE, STRIDE, PADDING = 2, 1, 1  # every Conv2d (also drawn by labcnn.ani
 POOL_SIZE = 2  # MaxPool2d(2): a 2x2 window, stride 2 (the stride defaults to the window)
 CHANNELS = (32, 64, 128)  # out_channels of conv1, conv2, conv3
 
-
 class LabCNN(nn.Module):
     """The lab's network, with the lab's submodule names.
 
@@ -56,12 +55,10 @@ class LabCNN(nn.Module):
         x = self.relu(self.fc2(x))
         return self.fc3(x)
 
-
 # The lab's constants: the mean is CIFAR-10's; the "std" is the mean of per-image stds, not the
 # pixel std, which is (0.2470, 0.2435, 0.2616) (kuangliu/pytorch-cifar issue #135).
 LAB_MEAN = (0.4914, 0.4822, 0.4465)
 LAB_STD = (0.2023, 0.1994, 0.2010)
-
 
 @dataclass(frozen=True)
 class Normalization:
@@ -78,7 +75,8 @@ class Normalization:
             mean, std = tuple(map(float, self.mean)), tuple(map(float, self.std))
         except (TypeError, ValueError):
             mean = std = ()
-        if not (len(mean) == len(std) == 3 and all(map(math.isfinite, mean + std)) and min(std) > 0):
+        if len(mean) != 3 or len(std) != 3 or not all(map(math.isfinite, mean + std)) \
+                or min(std) <= 0:
             raise ConfigError(f"invalid normalization mean={self.mean!r}, std={self.std!r}: "
                               "expected three finite numbers each, std > 0")
         object.__setattr__(self, "mean", mean)
@@ -100,9 +98,7 @@ class Normalization:
         mean, std = tensors if tensors is not None else self.tensors(images.device)
         return images.to(torch.float32).div_(255).sub_(mean).div_(std)
 
-
 LAB_NORMALIZATION = Normalization(LAB_MEAN, LAB_STD)
-
 
 @dataclass
 class Trained:
@@ -120,17 +116,13 @@ class Trained:
         """Completed epochs (0 when unknown)."""
         return len(self.history)
 
-
 def count_parameters(model: nn.Module) -> int:
     """Trainable parameters (600,746 for :class:`LabCNN`)."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
-
 def summary(model: nn.Module, depth: int = 2):
-    """torchinfo's per-layer table for one ``[1, 3, 32, 32]`` input (``str`` it to print).
-
-    torchinfo runs on a CPU copy: it would move the model to CUDA and switch it to eval mode.
-    """
+    """torchinfo's per-layer table for one ``[1, 3, 32, 32]`` input (``str`` it to print), made
+    on a CPU copy: torchinfo would move the model to CUDA and switch it to eval mode."""
     import copy
 
     import torchinfo
@@ -141,11 +133,9 @@ def summary(model: nn.Module, depth: int = 2):
     stats.formatting.macs_units = torchinfo.Units.NONE  # the exact count of multiply-adds
     return stats
 
-
 def output_size(size: int, kernel: int, stride: int = 1, padding: int = 0) -> int:
     """``floor((size + 2 * padding - kernel) / stride) + 1`` pixels (``nn.Conv2d``'s docs)."""
     return (size + 2 * padding - kernel) // stride + 1
-
 
 def size_chain(size: int = INPUT_SIZE[-1]) -> list[tuple[str, int, int]]:
     """``(layer, channels, side)`` after each convolution and pooling, by :func:`output_size`."""
@@ -157,20 +147,18 @@ def size_chain(size: int = INPUT_SIZE[-1]) -> list[tuple[str, int, int]]:
         rows.append((f"pool{i}", channels, size))
     return rows
 
-
 # A filter whose weights' L2 norm is below this outputs (almost) a constant: it has collapsed.
 COLLAPSE_NORM = 1e-2
-
 
 def filter_norms(weight: torch.Tensor) -> torch.Tensor:
     """L2 norm of each filter of a ``[C_out, C_in, k, k]`` weight: float32 ``[C_out]`` on the CPU.
     Raises ValueError unless ``weight`` is 4-D."""
     if weight.dim() != 4:
-        raise ValueError(f"expected a convolution weight [C_out, C_in, k, k], got {tuple(weight.shape)}")
+        raise ValueError(f"expected a convolution weight [C_out, C_in, k, k], got "
+                         f"{tuple(weight.shape)}")
     return weight.detach().float().cpu().flatten(1).norm(dim=1)
 
-
-def collapsed_filters(model: LabCNN, threshold: float = COLLAPSE_NORM) -> dict[str, tuple[int, int]]:
-    """Per convolution, ``(filters with an L2 norm below threshold, filters)``."""
-    convs = {name: getattr(model, name)[0].weight for name in ("conv1", "conv2", "conv3")}
-    return {name: (int((filter_norms(w) < threshold).sum()), w.shape[0]) for name, w in convs.items()}
+def collapsed_filters(model: LabCNN, threshold: float = COLLAPSE_NORM) -> dict:
+    """``{conv: (filters with an L2 norm below threshold, filters)}`` for conv1 to conv3."""
+    weights = {name: getattr(model, name)[0].weight for name in ("conv1", "conv2", "conv3")}
+    return {name: (int((filter_norms(w) < threshold).sum()), len(w)) for name, w in weights.items()}

@@ -23,12 +23,10 @@ from labcnn.model import LabCNN, Normalization, Trained
 # The only history fields that differ between two runs of one command (times, thread count).
 TIME_FIELDS = ("seconds", "elapsed_train_seconds", "device")
 
-
 def epoch_generator(seed: int, epoch: int) -> torch.Generator:
     """The generator of one epoch's order and augmentation, seeded by ``(seed, epoch)``: a
     resumed run draws the same batches as an uninterrupted one."""
     return torch.Generator().manual_seed((seed * 100_003 + epoch) % 2**64)
-
 
 def augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """A random 32x32 crop of each 4-pixel zero-padded image, flipped left-right with p=0.5:
@@ -42,10 +40,11 @@ def augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     cols = (shifts[1, :, None] + arange[:w])[:, None, :]
     cols = torch.where(flips[:, None, None], cols.flip(2), cols)
     padded = F.pad(images, (4, 4, 4, 4))
-    return padded[torch.arange(n, device=images.device)[:, None, None], :, rows, cols].permute(0, 3, 1, 2)
+    index = torch.arange(n, device=images.device)[:, None, None]
+    return padded[index, :, rows, cols].permute(0, 3, 1, 2)
 
-
-def batches(images, labels, batch_size: int, generator, normalization: Normalization, augment_images=False):
+def batches(images, labels, batch_size: int, generator, normalization: Normalization,
+            augment_images: bool = False):
     """One epoch of ``(x, y)``: float32 ``[B, 3, 32, 32]`` normalized ``channels_last`` images and
     int64 ``[B]`` labels, on ``images``' device, in an order drawn from ``generator``.
     ``images``: uint8 ``[N, 3, 32, 32]``. The last batch may be smaller."""
@@ -55,11 +54,10 @@ def batches(images, labels, batch_size: int, generator, normalization: Normaliza
         x = augment(images[index], generator) if augment_images else images[index]
         yield normalization(x, stats).contiguous(memory_format=torch.channels_last), labels[index]
 
-
 def train_one_epoch(model, optimizer, batches, steps: int, scheduler=None, scaler=None, dtype=None,
                     label_smoothing: float = 0.0, desc: str = "") -> tuple[float, float]:
-    """One pass over ``batches`` (``steps`` of them), in train mode (BatchNorm uses each batch's
-    statistics). ``dtype``: autocast dtype, ``None`` for float32; ``scaler``: a GradScaler (float16).
+    """One pass over ``batches`` (``steps`` of them) in train mode: BatchNorm uses each batch's
+    statistics. ``dtype``: autocast dtype (``None``: float32); ``scaler``: a GradScaler (float16).
 
     Returns ``(loss, accuracy)``: mean cross-entropy per image (nats) and top-1 accuracy (a
     fraction) over the images seen, as the weights moved. Raises TrainingDiverged (NaN or inf).
@@ -67,8 +65,8 @@ def train_one_epoch(model, optimizer, batches, steps: int, scheduler=None, scale
     model.train()
     device = next(model.parameters()).device
     losses, correct, seen = torch.zeros(steps, device=device), 0, 0
-    bar = not sys.stderr.isatty() or bool(os.environ.get("CI"))  # only on a terminal
-    for step, (x, y) in enumerate(tqdm(batches, total=steps, desc=desc, leave=False, disable=bar)):
+    quiet = not sys.stderr.isatty() or bool(os.environ.get("CI"))  # a progress bar in terminals
+    for step, (x, y) in enumerate(tqdm(batches, steps, desc, leave=False, disable=quiet)):
         with torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
             logits = model(x)
         loss = F.cross_entropy(logits.float(), y, label_smoothing=label_smoothing)
@@ -90,7 +88,6 @@ def train_one_epoch(model, optimizer, batches, steps: int, scheduler=None, scale
         step = int((~losses.isfinite()).nonzero()[0])
         raise TrainingDiverged(f"the training loss became {losses[step].item()} at step {step + 1}")
     return losses.double().sum().item() / seen, int(correct) / seen
-
 
 @torch.inference_mode()
 def evaluate(trained: Trained, images, labels, batch_size: int = 1000) -> dict:
@@ -119,10 +116,10 @@ def evaluate(trained: Trained, images, labels, batch_size: int = 1000) -> dict:
     confidence, predictions = torch.cat(logits).softmax(1).max(1)
     labels = labels.cpu()
     confusion = torch.bincount(labels * 10 + predictions, minlength=100).reshape(10, 10)
-    return {"loss": loss.item() / len(labels), "accuracy": (predictions == labels).double().mean().item(),
+    return {"loss": loss.item() / len(labels),
+            "accuracy": (predictions == labels).double().mean().item(),
             "per_class_accuracy": (confusion.diag() / confusion.sum(1).clamp(min=1)).tolist(),
             "confusion": confusion, "predictions": predictions, "confidence": confidence}
-
 
 def make_optimizer(config: TrainConfig, model) -> torch.optim.Optimizer:
     """Adam or AdamW (``weight_decay`` as L2 or decoupled), or SGD with Nesterov momentum."""
@@ -131,7 +128,6 @@ def make_optimizer(config: TrainConfig, model) -> torch.optim.Optimizer:
                                nesterov=True, weight_decay=config.weight_decay)
     adam = torch.optim.AdamW if config.optimizer == "adamw" else torch.optim.Adam
     return adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-
 
 def training_split(config: TrainConfig, images, labels):
     """``(train, val)``: the seeded ``subset``, then ``val_size`` images held out (``val`` is
@@ -143,14 +139,14 @@ def training_split(config: TrainConfig, images, labels):
         raise ConfigError(f"val_size {config.val_size} must be smaller than the "
                           f"{config.subset or n} training images")
     if config.subset:
-        keep = torch.randperm(n, generator=torch.Generator().manual_seed(config.seed))[:config.subset]
-        images, labels = images[keep], labels[keep]
+        keep = torch.randperm(n, generator=torch.Generator().manual_seed(config.seed))
+        images, labels = images[keep[:config.subset]], labels[keep[:config.subset]]
     if not config.val_size:
         return (images, labels), None
-    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed((config.seed + 1) % 2**64))
+    seed = (config.seed + 1) % 2**64  # not the subset's order
+    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))
     held, kept = order[:config.val_size], order[config.val_size:]
     return (images[kept], labels[kept]), (images[held], labels[held])
-
 
 def fit(config: TrainConfig, train_data, test_data, run_dir=None, device=None, log=print,
         model=None) -> Trained:
@@ -160,11 +156,11 @@ def fit(config: TrainConfig, train_data, test_data, run_dir=None, device=None, l
     :func:`labcnn.data.load_cifar10`. ``run_dir``: after every epoch ``checkpoint.pt``,
     ``history.json``, ``loss.png`` and ``accuracy.png`` are written there, then the epoch's line
     is logged (``None``: nothing on disk). ``model``: a fresh :class:`LabCNN` unless given (any
-    module mapping ``[N, 3, 32, 32]`` images to ``[N, 10]`` logits, to try a change). Returns the :class:`Trained` model, whose ``history``
-    holds one dict per epoch: ``epoch``, ``train_loss``, ``train_acc``, ``test_loss``,
-    ``test_acc`` (nats per image, fractions), ``lr``, ``seconds`` (wall time with evaluation),
-    ``elapsed_train_seconds`` (training alone, since the start), ``device`` (the device line), and
-    ``val_*`` with a validation split.
+    module mapping ``[N, 3, 32, 32]`` images to ``[N, 10]`` logits, to try a change). Returns
+    the :class:`Trained` model, whose ``history`` holds one dict per epoch: ``epoch``,
+    ``train_loss``, ``train_acc``, ``test_loss``, ``test_acc`` (nats per image, fractions),
+    ``lr``, ``seconds`` (wall time with evaluation), ``elapsed_train_seconds`` (training alone,
+    since the start), ``device`` (the device line), and ``val_*`` with a validation split.
 
     Raises:
         DeviceError, ConfigError: a bad device or size, before anything is written.
@@ -172,9 +168,10 @@ def fit(config: TrainConfig, train_data, test_data, run_dir=None, device=None, l
         WriteError, RunFolderBusy: the run folder cannot be written, or another run uses it.
         TrainingDiverged: a figure became NaN or infinite; the last finite checkpoint is kept.
     """
-    device = select_device(device)
+    device = device if isinstance(device, torch.device) else select_device(device)  # checked once
     (images, labels), val = training_split(config, *train_data)
-    data = {"train": checkpoint.fingerprint(*train_data), "test": checkpoint.fingerprint(*test_data)}
+    data = {"train": checkpoint.fingerprint(*train_data),
+            "test": checkpoint.fingerprint(*test_data)}
     if config.mean is None:
         normalization = Normalization.measure(images)
     else:
@@ -206,11 +203,13 @@ def fit(config: TrainConfig, train_data, test_data, run_dir=None, device=None, l
         for epoch in range(trained.epoch + 1, config.epochs + 1):
             start = time.perf_counter()
             lr = optimizer.param_groups[0]["lr"]
-            epoch_batches = batches(images, labels, config.batch_size, epoch_generator(config.seed, epoch),
-                                    normalization, config.augment)
+            generator = epoch_generator(config.seed, epoch)
+            epoch_batches = batches(images, labels, config.batch_size, generator, normalization,
+                                    config.augment)
             try:
-                train_loss, train_acc = train_one_epoch(model, optimizer, epoch_batches, steps, scheduler,
-                                                        scaler, dtype, config.label_smoothing, f"epoch {epoch}")
+                train_loss, train_acc = train_one_epoch(
+                    model, optimizer, epoch_batches, steps, scheduler, scaler, dtype,
+                    config.label_smoothing, f"epoch {epoch}")
             except TrainingDiverged as e:
                 raise TrainingDiverged(f"{e} of epoch {epoch}; {kept(folder, epoch - 1)}") from None
             train_seconds = time.perf_counter() - start
@@ -218,7 +217,8 @@ def fit(config: TrainConfig, train_data, test_data, run_dir=None, device=None, l
             for name, split in (("val", val), ("test", test_data)):
                 if split is not None:
                     result = evaluate(trained, *split, batch_size=config.eval_batch_size)
-                    record.update({f"{name}_loss": result["loss"], f"{name}_acc": result["accuracy"]})
+                    record[f"{name}_loss"] = result["loss"]
+                    record[f"{name}_acc"] = result["accuracy"]
             bad = next((k for k, v in record.items() if not math.isfinite(v)), None)
             if bad:
                 raise TrainingDiverged(f"the {bad.replace('_', ' ')} became {record[bad]} at epoch "
@@ -234,22 +234,23 @@ def fit(config: TrainConfig, train_data, test_data, run_dir=None, device=None, l
             log(format_epoch(record, config.epochs, left))
     return trained
 
-
 def kept(folder, epochs_done: int) -> str:
     """What a diverged run leaves on disk, for its message."""
-    what = (f"{folder / checkpoint.CHECKPOINT} (epoch {epochs_done}, all its figures finite) is kept"
+    what = (f"{folder / checkpoint.CHECKPOINT} (epoch {epochs_done}, all figures finite) is kept"
             if folder is not None and epochs_done else "no checkpoint was written")
     return f"{what}. Lower the learning rate and train into a new run folder"
 
-
 def format_epoch(record: dict, epochs: int, seconds_left: float | None = None) -> str:
-    """``epoch 7/50  train loss 0.912 acc 68.1%  test loss 0.955 acc 66.8%  19 s  about 13 min 18 s left``."""
-    val = f"  val loss {record['val_loss']:.3f} acc {record['val_acc']:.1%}" if "val_loss" in record else ""
-    left = "" if seconds_left is None or record["epoch"] >= epochs else f"  about {format_duration(seconds_left)} left"
+    """``epoch 7/50  train loss 0.912 acc 68.1%  test loss 0.955 acc 66.8%  19 s  about 13 min
+    18 s left``; ``val`` figures too when the record has them."""
+    val = left = ""
+    if "val_loss" in record:
+        val = f"  val loss {record['val_loss']:.3f} acc {record['val_acc']:.1%}"
+    if seconds_left is not None and record["epoch"] < epochs:
+        left = f"  about {format_duration(seconds_left)} left"
     return (f"epoch {record['epoch']}/{epochs}  train loss {record['train_loss']:.3f} "
             f"acc {record['train_acc']:.1%}{val}  test loss {record['test_loss']:.3f} "
             f"acc {record['test_acc']:.1%}  {record['seconds']:.0f} s{left}")
-
 
 def format_duration(seconds: float) -> str:
     """``"2 h 05 min"``, ``"41 min 12 s"`` or ``"37 s"``: the one duration format."""
