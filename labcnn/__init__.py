@@ -1,12 +1,5 @@
-"""labcnn: the "Simple CNN for CIFAR-10" lab as a small, tested package.
-
-Read in this order: :mod:`~labcnn.model` (the network), :mod:`~labcnn.train` (batches, one
-epoch, evaluation, fit), then :mod:`~labcnn.data` (CIFAR-10 files), :mod:`~labcnn.config`
-(settings, ranges, device), :mod:`~labcnn.checkpoint`, :mod:`~labcnn.fileio`,
-:mod:`~labcnn.plots`, :mod:`~labcnn.animations`, :mod:`~labcnn.bench` and :mod:`~labcnn.cli`.
-
-Every error labcnn raises for a user's problem is a :class:`LabcnnError` with a one-line message.
-"""
+"""labcnn: the "Simple CNN for CIFAR-10" lab as a small, tested package (read model, then train).
+Every error labcnn raises for a user's problem is a :class:`LabcnnError` with a one-line message."""
 from importlib.metadata import PackageNotFoundError, version
 
 try:  # one home for the version: pyproject.toml
@@ -18,7 +11,7 @@ class LabcnnError(Exception):
     """Base class: the command line prints ``error: <message>`` and exits with status 2."""
 
 class DataError(LabcnnError):
-    """CIFAR-10 files are missing, damaged, or in no layout :func:`labcnn.data.load_cifar10` reads."""
+    """CIFAR-10 files are missing, damaged, or in no layout ``labcnn.data.load_cifar10`` reads."""
 
 class CheckpointError(LabcnnError):
     """A checkpoint is unreadable, of another model, version, run or data set."""
@@ -36,8 +29,7 @@ class RunFolderBusy(LabcnnError):
     """Another process is training into the same run folder."""
 
 class WriteError(LabcnnError):
-    """A file or folder could not be written; ``path`` and ``reason`` (e.g. ``Permission denied``)."""
-
+    """A file or folder could not be written: ``.path`` and ``.reason`` (``Permission denied``)."""
     def __init__(self, path, reason: str, advice: str | None = None):
         self.path, self.reason = path, reason
         advice = advice or "make its folder writable and free disk space, or choose another folder"

@@ -1,71 +1,59 @@
-"""A run's settings and where it runs: :class:`TrainConfig`, the recipes, the one range table
-(:data:`RANGES`: the config, the command line and the ``LABCNN_*`` variables all read it), the
-device, its CPU threads, mixed precision, and the notebook's settings.
-"""
-from __future__ import annotations
-
+"""A run's settings: TrainConfig, recipes, RANGES (the one range table), device, threads, AMP."""
 import math
+import operator
 import os
 import platform
+import warnings
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
+import psutil
 import torch
 
 from labcnn import ConfigError, DeviceError
 
 TRUE, FALSE = ("1", "true", "yes", "on", "y"), ("0", "false", "no", "off", "n")
+COMPARE = {">": operator.gt, ">=": operator.ge, "<": operator.lt, "<=": operator.le}
+DEVICE_CHOICES = "auto, cpu, cuda, cuda:N or mps"
 
-@dataclass(frozen=True)
 class Range:
-    """What a setting accepts: a ``kind`` in ``[low, high]`` (``open``: ``"low"`` and/or
-    ``"high"`` end excluded), or one of ``choices``; ``None`` only if ``optional``."""
+    """What a setting accepts: a ``kind`` within ``bounds`` (``(">=", 1)``, ...), or one of
+    ``choices``; ``None`` only if ``optional``."""
 
-    kind: type
-    low: float = -math.inf
-    high: float = math.inf
-    open: str = ""
-    choices: tuple = ()
-    optional: bool = False
+    def __init__(self, kind: type, *bounds: tuple, choices=(), optional=False):
+        self.kind, self.bounds, self.choices, self.optional = kind, bounds, choices, optional
 
     def expected(self) -> str:
         if self.choices:
             return "one of " + ", ".join(self.choices)
         if self.kind is bool:
             return f"a boolean ({'/'.join(TRUE)} or {'/'.join(FALSE)}, any case)"
-        ends = [f"{'>' if 'low' in self.open else '>='} {self.low}"] * (self.low > -math.inf)
-        ends += [f"{'<' if 'high' in self.open else '<='} {self.high}"] * (self.high < math.inf)
-        return " and ".join([f"{'an integer' if self.kind is int else 'a finite number'} "
-                             f"{ends[0]}", *ends[1:]] if ends else [self.kind.__name__])
+        number = "an integer" if self.kind is int else "a finite number"
+        return number + " and".join(f" {op} {bound}" for op, bound in self.bounds)
 
     def holds(self, value) -> bool:
         if value is None or self.choices:
             return self.optional if value is None else value in self.choices
-        if self.kind is bool or isinstance(value, bool):
-            return self.kind is bool and isinstance(value, bool)
-        if not isinstance(value, int if self.kind is int else (int, float)):
+        kinds = (int, float) if self.kind is float else self.kind
+        if not isinstance(value, kinds) or isinstance(value, bool) != (self.kind is bool):
             return False
-        above = value > self.low if "low" in self.open else value >= self.low
-        below = value < self.high if "high" in self.open else value <= self.high
-        return math.isfinite(value) and above and below
+        finite = isinstance(value, int) or math.isfinite(value)
+        return finite and all(COMPARE[op](value, bound) for op, bound in self.bounds)
 
     def parse(self, name: str, text: str):
-        """``text`` as this kind; :class:`ConfigError` naming ``name`` and what is accepted."""
-        bools = {**dict.fromkeys(TRUE, True), **dict.fromkeys(FALSE, False)}
+        word, bools = text.strip(), {w: w in TRUE for w in TRUE + FALSE}
         try:
-            value = bools[text.strip().lower()] if self.kind is bool else self.kind(text.strip())
+            value = bools[word.lower()] if self.kind is bool else self.kind(word)
         except (KeyError, ValueError):
-            value = ConfigError
-        if value is ConfigError or not self.holds(value):
+            value = None
+        if value is None or not self.holds(value):
             raise ConfigError(f"{name}={text!r}: expected {self.expected()}")
         return value
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Every setting of a training run; the defaults are the lab's recipe. ``schedule``:
-    constant, or OneCycleLR per batch peaking at ``lr`` (Smith and Topin, 2017); ``mean``,
-    ``std``: fractions of 255 (``None``: measured); ``amp``: see :func:`amp_dtype`."""
-
+    """A training run's settings, by default the lab's. ``schedule``: constant, or OneCycleLR per
+    batch peaking at ``lr`` (Smith and Topin, 2017); ``mean``, ``std``: fractions of 255 or None."""
     recipe: str = "lab"
     epochs: int = 50
     batch_size: int = 100
@@ -87,50 +75,36 @@ class TrainConfig:
     def __post_init__(self):
         bad = [f"{k}={getattr(self, k)!r} (expected {r.expected()})" for k, r in RANGES.items()
                if k in self.__dataclass_fields__ and not r.holds(getattr(self, k))]
-        for name in ("mean", "std"):  # three finite numbers (std > 0), or None: measured
+        for name, low in (("mean", -math.inf), ("std", 0)):  # None: measured on the data
             value = getattr(self, name)
             try:
                 value = None if value is None else tuple(map(float, value))
-                if value is not None and (len(value) != 3 or not all(map(math.isfinite, value))
-                                          or (name == "std" and min(value) <= 0)):
-                    raise ValueError
+                good = value is None or (len(value) == 3 and all(low < v < math.inf for v in value))
             except (TypeError, ValueError):
-                bad.append(f"{name}={value!r} (expected three finite numbers)")
+                good = False
+            bad += [f"{name}={value!r} (expected three finite numbers)"] * (not good)
             object.__setattr__(self, name, value)
         if bad:
             raise ConfigError(f"invalid TrainConfig {'; '.join(bad)}")
 
 # Named recipes: overrides of the TrainConfig defaults (results/README.md has their runs).
-RECIPES = {
-    "lab": {},
-    # Chosen on 5,000 held-out training images (val_size), never on the test set.
-    "improved": dict(epochs=40, batch_size=128, optimizer="sgd", lr=0.1, weight_decay=5e-4,
-                     schedule="onecycle", label_smoothing=0.1, augment=True, mean=None, std=None,
-                     val_size=5000, amp="auto"),
-}
+RECIPES = {"lab": {}, "improved": dict(  # chosen on 5,000 held-out images, never the test set
+    epochs=40, batch_size=128, optimizer="sgd", lr=0.1, weight_decay=5e-4, schedule="onecycle",
+    label_smoothing=0.1, augment=True, mean=None, std=None, val_size=5000, amp="auto")}
 # The improved recipe for a 2-epoch budget: no augmentation, batch 64 (results/README.md).
 RECIPES["fast"] = {**RECIPES["improved"], "epochs": 2, "augment": False, "batch_size": 64}
-AMP_CHOICES = ("off", "auto", "bf16", "fp16")
+COUNT, FRACTION, FLAG = Range(int, (">=", 1)), Range(float, (">=", 0), ("<", 1)), Range(bool)
 RANGES = {
     "recipe": Range(str, choices=tuple(RECIPES)),
-    "epochs": Range(int, 1),
-    "batch_size": Range(int, 1),
     "optimizer": Range(str, choices=("adam", "adamw", "sgd")),
-    "lr": Range(float, 0, open="low"),
-    "weight_decay": Range(float, 0),
-    "momentum": Range(float, 0, 1, open="high"),
     "schedule": Range(str, choices=("constant", "onecycle")),
-    "label_smoothing": Range(float, 0, 1, open="high"),
-    "augment": Range(bool),
-    "seed": Range(int, 0, 2**64 - 1),  # what torch.manual_seed accepts
-    "subset": Range(int, 1, optional=True),
-    "val_size": Range(int, 0),
-    "eval_batch_size": Range(int, 1),
-    "amp": Range(str, choices=AMP_CHOICES),
-    "rounds": Range(int, 1),
-    "images_per_round": Range(int, 1),
-    "download": Range(bool),
-    "verify": Range(bool),
+    "amp": Range(str, choices=("off", "auto", "bf16", "fp16")),
+    "epochs": COUNT, "batch_size": COUNT, "eval_batch_size": COUNT, "rounds": COUNT,
+    "images_per_round": COUNT, "momentum": FRACTION, "label_smoothing": FRACTION,
+    "lr": Range(float, (">", 0)), "weight_decay": Range(float, (">=", 0)),
+    "val_size": Range(int, (">=", 0)), "subset": Range(int, (">=", 1), optional=True),
+    "seed": Range(int, (">=", 0), ("<=", 2**64 - 1)),  # what torch.manual_seed accepts
+    "augment": FLAG, "download": FLAG, "verify": FLAG,
 }
 # Fields of earlier versions, read from their checkpoints while at these (unused) values.
 REMOVED = {"cutout": 0, "ema": 0.0, "whiten": False, "compile": False}
@@ -146,7 +120,6 @@ def make_config(recipe: str = "lab", **overrides) -> TrainConfig:
     return TrainConfig(**{**RECIPES[recipe], "recipe": recipe, **given})
 
 def config_dict(config: TrainConfig) -> dict:
-    """``config`` as plain values (lists for tuples), as checkpoints store it."""
     return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(config).items()}
 
 def config_from_dict(saved: dict) -> TrainConfig:
@@ -171,36 +144,27 @@ def applied_settings(config: TrainConfig) -> dict:
     unused |= {k for k in ("subset", "mean", "std", "val_size") if not getattr(config, k)}
     return {k: v for k, v in asdict(config).items() if k not in unused}
 
-def env_value(env, name: str, key: str, default):
-    """``env[name]`` read through ``RANGES[key]``; unset or empty: ``default``."""
-    text = env.get(name, "")
-    return RANGES[key].parse(name, text) if text.strip() else default
-
-DEVICE_CHOICES = "auto, cpu, cuda, cuda:N or mps"
-
 def select_device(name=None) -> torch.device:
     """The device called ``name``, checked; ``None``/``"auto"``: CUDA, then Apple MPS, then CPU.
     Raises DeviceError: not a device name, or one this machine lacks (lists what it has)."""
     name = str(name) if isinstance(name, torch.device) else name
+    cuda, mps = torch.cuda.is_available(), torch.backends.mps.is_available()
     if name in (None, "", "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else
-                            "mps" if torch.backends.mps.is_available() else "cpu")
+        return torch.device("cuda" if cuda else "mps" if mps else "cpu")
     try:
         device = torch.device(name)
     except (RuntimeError, TypeError):
         raise DeviceError(f"unknown device {name!r}: expected {DEVICE_CHOICES}") from None
-    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    have = ["cpu", *(f"cuda:{i}" for i in range(count))]
-    have += ["mps"] * torch.backends.mps.is_available()
-    if device.type == "cpu" or (device.type == "mps" and "mps" in have) or (
-            device.type == "cuda" and (device.index or 0) < count):
-        return device
-    if device.type not in ("cuda", "mps"):
+    count = torch.cuda.device_count() if cuda else 0
+    usable = {"cpu": True, "mps": mps, "cuda": (device.index or 0) < count}.get(device.type)
+    if usable is None:
         raise DeviceError(f"device {name!r} is not supported: expected {DEVICE_CHOICES}")
+    if usable:
+        return device
     why = ("not Apple silicon with macOS 12.3+" if device.type == "mps" else f"{count} CUDA GPU(s)"
            if torch.version.cuda is not None else "a CPU-only build of torch")
-    raise DeviceError(f"device {name!r} is not available here ({why}); "
-                      f"available: {', '.join(have)}")
+    have = ", ".join(["cpu", *(f"cuda:{i}" for i in range(count)), *["mps"] * mps])
+    raise DeviceError(f"device {name!r} is not available here ({why}); available: {have}")
 
 def usable_cpus() -> tuple[int, int]:
     """``(CPUs this process may use, CPUs of the machine)``: the affinity mask (``taskset``,
@@ -217,15 +181,11 @@ def usable_cpus() -> tuple[int, int]:
     return usable, total
 
 def set_threads(threads: int | None = None) -> int:
-    """Set and return torch's CPU threads: ``threads``, else ``OMP_NUM_THREADS`` when set, else
-    one per physical core, never more than :func:`usable_cpus` (oversubscribed, a quota trains
-    many times slower)."""
-    import psutil
-
-    if threads is None and os.environ.get("OMP_NUM_THREADS", "").strip():
-        return torch.get_num_threads()
-    usable, _ = usable_cpus()
-    torch.set_num_threads(threads or min(psutil.cpu_count(logical=False) or usable, usable))
+    """Set and return torch's CPU threads: ``threads``, else ``OMP_NUM_THREADS``'s, else one per
+    physical core, within :func:`usable_cpus` (oversubscribed, a quota trains many times slower)."""
+    if threads is not None or not os.environ.get("OMP_NUM_THREADS", "").strip():
+        usable = usable_cpus()[0]
+        torch.set_num_threads(threads or min(psutil.cpu_count(logical=False) or usable, usable))
     return torch.get_num_threads()
 
 def describe_device(device: torch.device) -> str:
@@ -238,31 +198,26 @@ def describe_device(device: torch.device) -> str:
     limit = f"; {usable} of {total} CPUs usable" if usable < total else ""
     return f"cpu ({threads} thread{'s' * (threads != 1)}{limit})"
 
-def cpu_info(key: str) -> str:
-    """The first ``key`` line's value in ``/proc/cpuinfo`` (Linux), else ``""``."""
+def cpu_info(key: str) -> str:  # the first `key` line of /proc/cpuinfo (Linux), else ""
     try:
         lines = Path("/proc/cpuinfo").read_text().splitlines()
     except OSError:
-        return ""
-    found = (ln.split(":", 1)[1].strip() for ln in lines if ln.split(":")[0].strip() == key)
-    return next(found, "")
+        lines = []
+    return next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith(key)), "")
 
 def cpu_flags() -> set[str]:
-    """The CPU's feature flags (``avx2``, ``avx512_bf16``, ...); empty off Linux."""
     return set(cpu_info("flags").split())
 
 def cpu_name() -> str:
     return cpu_info("model name") or platform.machine()
 
 def native_bf16(device: torch.device) -> bool:
-    """Whether ``device`` computes bfloat16 natively (an ``avx512_bf16`` or ``amx_bf16`` CPU, a
-    GPU from Ampere on); elsewhere it is emulated, slower than float32."""
+    """Whether ``device`` computes bfloat16 natively (an avx512_bf16/amx_bf16 CPU, Ampere+ GPU)."""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported(including_emulation=False)
     return device.type == "cpu" and bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
 
 def bf16_absence(device: torch.device) -> str:
-    """Why bfloat16 is not measured on ``device``, in one phrase."""
     if device.type == "cpu":
         return "this CPU has neither avx512_bf16 nor amx_bf16: bfloat16 would be emulated, slower"
     return f"{describe_device(device)} has no native bfloat16"
@@ -271,23 +226,18 @@ def amp_dtype(device: torch.device, amp: str) -> torch.dtype | None:
     """The autocast dtype of ``amp`` on ``device`` (``None``: float32). ``auto``: bfloat16 where
     native, else float16 on CUDA (a T4), else float32; ``bf16``, ``fp16`` force one."""
     if amp == "auto":
-        return torch.bfloat16 if native_bf16(device) else (
-            torch.float16 if device.type == "cuda" else None)
+        amp = "bf16" if native_bf16(device) else "fp16" if device.type == "cuda" else "off"
     return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
 
 def checkout_root() -> Path | None:
-    """The repository's root when labcnn is imported from a checkout, else ``None`` (a regular
-    install, as on Colab)."""
-    import labcnn
-
-    root = Path(labcnn.__file__).resolve().parents[1]
+    """The repository's root when labcnn is imported from a checkout, else ``None`` (Colab)."""
+    root = Path(__file__).resolve().parents[1]
     return root if (root / "pyproject.toml").is_file() and (root / "notebooks").is_dir() else None
 
 @dataclass(frozen=True)
 class Settings:
     """The notebook's run; ``images_dir`` (the committed figures) only for the reference run:
     the lab recipe, all 50 epochs, in a checkout."""
-
     config: TrainConfig
     data_dir: Path
     download: bool
@@ -298,53 +248,36 @@ class Settings:
     images_dir: Path | None
 
     def load(self, train: bool):
-        """One split, as :func:`labcnn.data.load_cifar10` returns it."""
-        from labcnn.data import load_cifar10
-
+        from labcnn.data import load_cifar10  # torchvision only once data is read
         return load_cifar10(self.data_dir, train, self.download, self.verify, self.url)
 
     def show(self, fig, name: str, alt: str) -> None:
-        """Save ``fig`` in ``run_dir`` (and ``images_dir``) as ``name``; display it with ``alt``."""
-        from labcnn import plots
-
+        from labcnn import plots  # matplotlib only where figures are drawn
         for folder in filter(None, (self.run_dir, self.images_dir)):
             plots.save(fig, folder / name)
         plots.show(fig, alt)
 
-    def __str__(self) -> str:
-        size = f"{self.config.subset or 'all'} training images"
-        return (f"lab recipe, {self.config.epochs} epochs, {size}, on "
-                f"{describe_device(self.device)}\ndata: {self.data_dir} (download if missing: "
-                f"{'yes' if self.download else 'no'})"
-                f"\nrun folder: {self.run_dir}")
-
 def notebook_settings(epochs=50, subset=None, data_dir="data", download=True, device="auto",
                       runs_dir="runs", env=os.environ) -> Settings:
-    """The notebook's :class:`Settings`, each overridden by its ``LABCNN_*`` variable (read
-    through :data:`RANGES`; empty means unset). Relative paths start at the checkout's root, else
-    the working directory. The full lab run trains in ``RUNS_DIR/lab``, where ``python -m labcnn
-    train --out runs/lab`` writes. Raises ConfigError naming the variable, or DeviceError."""
-    import warnings
+    """The notebook's :class:`Settings`, each overridden by its ``LABCNN_*`` variable (empty:
+    unset); relative paths start at the checkout's root. Raises ConfigError, DeviceError."""
+    def var(name: str, default, key: str | None = None):
+        text = env.get(f"LABCNN_{name}", "").strip()
+        return RANGES[key].parse(f"LABCNN_{name}", text) if text and key else text or default
+
+    def where(name: str, default) -> Path:  # an absolute path stays as it is
+        return (checkout_root() or Path.cwd()) / Path(var(name, default)).expanduser()
 
     # In the notebook a warning is one plain line, not a red box quoting labcnn's source.
     warnings.showwarning = lambda message, *args, **kwargs: print(f"warning: {message}")
-    base = checkout_root() or Path.cwd()
-
-    def where(name, value):
-        path = Path(env.get(name, "").strip() or value).expanduser()
-        return path if path.is_absolute() else base / path
-
-    epochs = env_value(env, "LABCNN_EPOCHS", "epochs", epochs)
-    subset = env_value(env, "LABCNN_SUBSET", "subset", subset)
+    epochs, subset = var("EPOCHS", epochs, "epochs"), var("SUBSET", subset, "subset")
     config, full = make_config(epochs=epochs, subset=subset), make_config()
     set_threads()
     return Settings(
-        config=config, data_dir=where("LABCNN_DATA_DIR", data_dir),
-        download=env_value(env, "LABCNN_DOWNLOAD", "download", download),
-        url=env.get("LABCNN_CIFAR10_URL", "").strip() or None,
-        verify=env_value(env, "LABCNN_VERIFY", "verify", True),
-        device=select_device(env.get("LABCNN_DEVICE", "").strip() or device),
-        run_dir=where("LABCNN_RUNS_DIR", runs_dir) / (
-            "lab" if config == full else f"lab-{epochs}ep-{subset or 'all'}img"),
-        images_dir=where("LABCNN_IMAGES_DIR", "Images") if config == full and (
+        config=config, data_dir=where("DATA_DIR", data_dir),
+        download=var("DOWNLOAD", download, "download"), url=var("CIFAR10_URL", None),
+        verify=var("VERIFY", True, "verify"), device=select_device(var("DEVICE", device)),
+        run_dir=where("RUNS_DIR", runs_dir) / (  # the full run: where train --out runs/lab writes
+            "lab" if config == full else f"lab-{config.epochs}ep-{config.subset or 'all'}img"),
+        images_dir=where("IMAGES_DIR", "Images") if config == full and (
             checkout_root() or env.get("LABCNN_IMAGES_DIR")) else None)

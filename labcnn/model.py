@@ -1,11 +1,8 @@
-"""The lab's CNN for CIFAR-10, and what a trained one needs to be used: its normalization.
-
-Three blocks of ``Conv2d(kernel_size=2, stride=1, padding=1)`` + ``BatchNorm2d`` + ``ReLU`` +
-``MaxPool2d(2)`` with 32, 64 and 128 channels, then ``Linear`` 2048 -> 256 -> 128 -> 10 with
-ReLU in between: 600,746 trainable parameters.
-"""
+"""The lab's CNN for CIFAR-10 (600,746 parameters), the normalization a trained one must be used
+with, and the arithmetic of its layers."""
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass, field
 
@@ -62,21 +59,19 @@ LAB_STD = (0.2023, 0.1994, 0.2010)
 
 @dataclass(frozen=True)
 class Normalization:
-    """Per-channel ``mean`` and ``std``, three floats each, as fractions of 255.
-
-    Raises :class:`labcnn.ConfigError` unless both are three finite numbers, std above 0.
-    """
-
+    """Per-channel ``mean`` and ``std`` as fractions of 255; ConfigError unless three finite
+    numbers each, std above 0."""
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
 
     def __post_init__(self):
         try:
             mean, std = tuple(map(float, self.mean)), tuple(map(float, self.std))
+            ok = len(mean) == len(std) == 3 and all(map(math.isfinite, mean + std))
+            ok = ok and min(std) > 0
         except (TypeError, ValueError):
-            mean = std = ()
-        if len(mean) != 3 or len(std) != 3 or not all(map(math.isfinite, mean + std)) \
-                or min(std) <= 0:
+            ok = False
+        if not ok:
             raise ConfigError(f"invalid normalization mean={self.mean!r}, std={self.std!r}: "
                               "expected three finite numbers each, std > 0")
         object.__setattr__(self, "mean", mean)
@@ -104,7 +99,6 @@ LAB_NORMALIZATION = Normalization(LAB_MEAN, LAB_STD)
 class Trained:
     """A trained :class:`LabCNN` with the normalization it must be used with; ``config`` and
     ``history`` (one dict per epoch) when known, ``note`` where the normalization came from."""
-
     model: LabCNN
     normalization: Normalization
     config: object = None
@@ -112,19 +106,12 @@ class Trained:
     note: str = ""
 
     @property
-    def epoch(self) -> int:
-        """Completed epochs (0 when unknown)."""
+    def epoch(self) -> int:  # completed epochs (0 when unknown)
         return len(self.history)
-
-def count_parameters(model: nn.Module) -> int:
-    """Trainable parameters (600,746 for :class:`LabCNN`)."""
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 def summary(model: nn.Module, depth: int = 2):
     """torchinfo's per-layer table for one ``[1, 3, 32, 32]`` input (``str`` it to print), made
     on a CPU copy: torchinfo would move the model to CUDA and switch it to eval mode."""
-    import copy
-
     import torchinfo
 
     stats = torchinfo.summary(copy.deepcopy(model).cpu(), input_size=INPUT_SIZE, device="cpu",

@@ -110,7 +110,7 @@ def plot_filters(weight: torch.Tensor, ncols: int = 8) -> Figure:
     m = w.abs().max().item() or 1.0  # an all-zero layer still gets a symmetric scale
     nrows, collapsed = -(-len(w) // ncols), (norms < COLLAPSE_NORM).tolist()
     fig, axes = _tiles(nrows, ncols, 1.45 * ncols + 1, nrows * (0.2 * w.shape[2] + 0.5) + 0.6)
-    for i, (ax, mosaic) in enumerate(zip(axes.flat, mosaics)):  # NaN gaps are left transparent
+    for i, (ax, mosaic) in enumerate(zip(axes.flat, mosaics)):  # channels side by side, NaN gaps
         image = ax.imshow(mosaic.numpy(), cmap="RdBu_r", vmin=-m, vmax=m)
         ax.set_title(f"{i}: {norms[i]:.2g}", fontsize=8, color=RED if collapsed[i] else "black")
         ax.spines[:].set(color=RED, linestyle="--", linewidth=2)
@@ -119,39 +119,12 @@ def plot_filters(weight: torch.Tensor, ncols: int = 8) -> Figure:
     fig.suptitle(f"L2 norm < {COLLAPSE_NORM:g} in red: collapsed ({sum(collapsed)} of {len(w)})")
     return fig
 
-def best_epoch(history: list[dict], key: str = "test_acc") -> dict:
-    return max(history, key=lambda r: r[key])  # for information: never select on the test set
-
-def first_reaching(history: list[dict], accuracy: float) -> dict | None:
-    return next((r for r in history if r["test_acc"] >= accuracy), None)
-
-def seconds_to(history: list[dict], accuracy: float) -> float | None:
-    return (first_reaching(history, accuracy) or {}).get("elapsed_train_seconds")
-
 def mean_over_epochs(history: list[dict], key: str) -> float:
     return statistics.fmean(r[key] for r in history)  # as the original report measured
-
-def headline(history: list[dict]) -> dict[str, str]:
-    """A run's figures as printed; ``best_val_*``: with validation; ``original_*``: once reached."""
-    last, best = history[-1], best_epoch(history)
-    figures = {"final_acc": f"{last['test_acc']:.2%}", "final_loss": f"{last['test_loss']:.4f}",
-               "best_epoch": str(best["epoch"]), "best_acc": f"{best['test_acc']:.2%}",
-               "wall_time": format_duration(sum(r["seconds"] for r in history)),
-               "train_time": format_duration(last["elapsed_train_seconds"])}
-    if val := "val_acc" in last and best_epoch(history, "val_acc"):
-        figures.update(best_val_epoch=str(val["epoch"]), best_val_acc=f"{val['val_acc']:.2%}",
-                       final_val_acc=f"{last['val_acc']:.2%}")
-    if reached := first_reaching(history, ORIGINAL["test_acc"][0]):
-        figures.update(original_epoch=str(reached["epoch"]),
-                       original_seconds=f"{reached['elapsed_train_seconds']:.0f} s")
-    return figures
 
 def spread(values: list[float]) -> dict[str, float]:
     std = statistics.stdev(values) if len(values) > 1 else 0.0
     return {"mean": statistics.fmean(values), "std": std, "min": min(values), "max": max(values)}
-
-def seed_spread(histories: list[list[dict]], key: str = "test_acc") -> dict[str, float]:
-    return spread([h[-1][key] for h in histories])
 
 def epoch_swing(history: list[dict], after: int = 10, key: str = "test_acc") -> dict[str, float]:
     values = [r[key] for r in history if r["epoch"] > after]

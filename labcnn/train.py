@@ -1,9 +1,7 @@
 """Training and evaluating :class:`~labcnn.model.LabCNN`, read top to bottom: the batches, one
-training epoch, evaluation over a whole split, and :func:`fit`, which wires them.
-
-After torchvision's ``references/classification/train.py``: one function per phase, one model.
-Batches come from uint8 tensors held in memory, shuffled and augmented a whole batch at a time
-(as airbench does), so no DataLoader and no per-image PIL work are needed.
+training epoch, evaluation over a whole split, and :func:`fit`, which wires them (one function
+per phase, as torchvision's ``references/classification/train.py``). Batches come from uint8
+tensors in memory, shuffled and augmented a whole batch at a time, as airbench does.
 """
 from __future__ import annotations
 
@@ -20,18 +18,15 @@ from labcnn import ConfigError, TrainingDiverged, checkpoint
 from labcnn.config import TrainConfig, amp_dtype, describe_device, select_device
 from labcnn.model import LabCNN, Normalization, Trained
 
-# The only history fields that differ between two runs of one command (times, thread count).
-TIME_FIELDS = ("seconds", "elapsed_train_seconds", "device")
+TIME_FIELDS = ("seconds", "elapsed_train_seconds", "device")  # all that differs between runs
 
 def epoch_generator(seed: int, epoch: int) -> torch.Generator:
-    """The generator of one epoch's order and augmentation, seeded by ``(seed, epoch)``: a
-    resumed run draws the same batches as an uninterrupted one."""
+    """One epoch's order and augmentation, seeded by ``(seed, epoch)``: a resume draws the same."""
     return torch.Generator().manual_seed((seed * 100_003 + epoch) % 2**64)
 
 def augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """A random 32x32 crop of each 4-pixel zero-padded image, flipped left-right with p=0.5:
-    torchvision's ``RandomCrop(32, padding=4)`` + ``RandomHorizontalFlip()`` for a whole uint8
-    ``[N, C, 32, 32]`` batch at once."""
+    """torchvision's ``RandomCrop(32, padding=4)`` and ``RandomHorizontalFlip()``, applied to a
+    whole uint8 ``[N, C, 32, 32]`` batch at once."""
     n, _, h, w = images.shape
     shifts = torch.randint(0, 9, (2, n), generator=generator).to(images.device)
     flips = (torch.rand(n, generator=generator) < 0.5).to(images.device)
@@ -45,9 +40,8 @@ def augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
 
 def batches(images, labels, batch_size: int, generator, normalization: Normalization,
             augment_images: bool = False):
-    """One epoch of ``(x, y)``: float32 ``[B, 3, 32, 32]`` normalized ``channels_last`` images and
-    int64 ``[B]`` labels, on ``images``' device, in an order drawn from ``generator``.
-    ``images``: uint8 ``[N, 3, 32, 32]``. The last batch may be smaller."""
+    """One epoch of uint8 ``[N, 3, 32, 32]`` images as ``(x, y)`` batches in a seeded order:
+    float32 ``[B, 3, 32, 32]`` normalized, ``channels_last``; int64 ``[B]`` labels."""
     order = torch.randperm(len(labels), generator=generator).to(images.device)
     stats = normalization.tensors(images.device)
     for index in order.split(batch_size):
@@ -91,39 +85,34 @@ def train_one_epoch(model, optimizer, batches, steps: int, scheduler=None, scale
 
 @torch.inference_mode()
 def evaluate(trained: Trained, images, labels, batch_size: int = 1000) -> dict:
-    """Loss, top-1 accuracy, per-class accuracy and confusion matrix over a whole split, in eval
-    mode (BatchNorm's running statistics), every image weighted alike; the model's mode is restored.
-
-    ``images``: uint8 ``[N, 3, 32, 32]``; ``labels``: int64 ``[N]``. Returns a dict: ``loss``
-    (nats per image), ``accuracy`` (fraction), ``per_class_accuracy`` (10 fractions),
-    ``confusion`` (int64 ``[10, 10]``, rows true class), ``predictions`` (int64 ``[N]``) and
-    ``confidence`` (float32 ``[N]``, softmax probability of the prediction), on the CPU.
-    """
+    """Evaluate on a whole split (uint8 ``[N, 3, 32, 32]``, int64 ``[N]``) in eval mode, every
+    image weighted alike; the model's mode is restored. Returns, on the CPU: ``loss`` (nats per
+    image), ``accuracy`` (top-1 fraction), ``per_class_accuracy`` (10 fractions), ``confusion``
+    (int64 ``[10, 10]``, rows true), ``predictions`` and ``confidence`` (``[N]``, softmax)."""
     model, was_training = trained.model, trained.model.training
     device = next(model.parameters()).device
     stats = trained.normalization.tensors(device)
-    loss = torch.zeros((), dtype=torch.float32 if device.type == "mps" else torch.float64)
-    logits = []
+    loss, logits = 0.0, []
     model.eval()
     try:
         for start in range(0, len(labels), batch_size):
             x = trained.normalization(images[start:start + batch_size].to(device), stats)
             out = model(x.contiguous(memory_format=torch.channels_last)).float().cpu()
-            loss += F.cross_entropy(out, labels[start:start + batch_size].cpu(), reduction="sum")
+            y = labels[start:start + batch_size].cpu()
+            loss += F.cross_entropy(out, y, reduction="sum").item()
             logits.append(out)
     finally:
         model.train(was_training)
     confidence, predictions = torch.cat(logits).softmax(1).max(1)
     labels = labels.cpu()
     confusion = torch.bincount(labels * 10 + predictions, minlength=100).reshape(10, 10)
-    return {"loss": loss.item() / len(labels),
+    return {"loss": loss / len(labels),
             "accuracy": (predictions == labels).double().mean().item(),
             "per_class_accuracy": (confusion.diag() / confusion.sum(1).clamp(min=1)).tolist(),
             "confusion": confusion, "predictions": predictions, "confidence": confidence}
 
 def make_optimizer(config: TrainConfig, model) -> torch.optim.Optimizer:
-    """Adam or AdamW (``weight_decay`` as L2 or decoupled), or SGD with Nesterov momentum."""
-    if config.optimizer == "sgd":
+    if config.optimizer == "sgd":  # else Adam (L2 weight decay in the gradient) or AdamW
         return torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
                                nesterov=True, weight_decay=config.weight_decay)
     adam = torch.optim.AdamW if config.optimizer == "adamw" else torch.optim.Adam
@@ -152,30 +141,20 @@ def fit(config: TrainConfig, train_data, test_data, run_dir=None, device=None, l
         model=None) -> Trained:
     """Train a :class:`LabCNN` with ``config``, resuming ``run_dir``'s checkpoint if it has one.
 
-    ``train_data``, ``test_data``: ``(uint8 [N, 3, 32, 32], int64 [N])`` from
-    :func:`labcnn.data.load_cifar10`. ``run_dir``: after every epoch ``checkpoint.pt``,
-    ``history.json``, ``loss.png`` and ``accuracy.png`` are written there, then the epoch's line
-    is logged (``None``: nothing on disk). ``model``: a fresh :class:`LabCNN` unless given (any
-    module mapping ``[N, 3, 32, 32]`` images to ``[N, 10]`` logits, to try a change). Returns
-    the :class:`Trained` model, whose ``history`` holds one dict per epoch: ``epoch``,
-    ``train_loss``, ``train_acc``, ``test_loss``, ``test_acc`` (nats per image, fractions),
-    ``lr``, ``seconds`` (wall time with evaluation), ``elapsed_train_seconds`` (training alone,
-    since the start), ``device`` (the device line), and ``val_*`` with a validation split.
-
-    Raises:
-        DeviceError, ConfigError: a bad device or size, before anything is written.
-        CheckpointError: ``run_dir`` holds a damaged checkpoint, or one of other settings or data.
-        WriteError, RunFolderBusy: the run folder cannot be written, or another run uses it.
-        TrainingDiverged: a figure became NaN or infinite; the last finite checkpoint is kept.
-    """
+    ``train_data``, ``test_data``: ``(uint8 [N, 3, 32, 32], int64 [N])``. After every epoch the
+    checkpoint, ``history.json`` and curves are written to ``run_dir`` (``None``: nothing on
+    disk), then its line is logged. ``model``: another module to try (default a new LabCNN).
+    The history holds per epoch ``epoch``, ``train_loss``, ``train_acc``, ``test_loss``,
+    ``test_acc`` (nats per image, fractions), ``lr``, ``seconds`` (with evaluation),
+    ``elapsed_train_seconds`` (training alone, cumulative), ``device``, and ``val_*`` if any.
+    Raises ConfigError or DeviceError before writing anything; CheckpointError, WriteError,
+    RunFolderBusy; TrainingDiverged (NaN or inf; the last finite checkpoint is kept)."""
     device = device if isinstance(device, torch.device) else select_device(device)  # checked once
     (images, labels), val = training_split(config, *train_data)
     data = {"train": checkpoint.fingerprint(*train_data),
             "test": checkpoint.fingerprint(*test_data)}
-    if config.mean is None:
-        normalization = Normalization.measure(images)
-    else:
-        normalization = Normalization(config.mean, config.std)
+    normalization = (Normalization.measure(images) if config.mean is None
+                     else Normalization(config.mean, config.std))
     dtype = amp_dtype(device, config.amp)
     torch.manual_seed(config.seed)
     model = (LabCNN() if model is None else model).to(device, memory_format=torch.channels_last)
@@ -235,14 +214,12 @@ def fit(config: TrainConfig, train_data, test_data, run_dir=None, device=None, l
     return trained
 
 def kept(folder, epochs_done: int) -> str:
-    """What a diverged run leaves on disk, for its message."""
     what = (f"{folder / checkpoint.CHECKPOINT} (epoch {epochs_done}, all figures finite) is kept"
             if folder is not None and epochs_done else "no checkpoint was written")
     return f"{what}. Lower the learning rate and train into a new run folder"
 
 def format_epoch(record: dict, epochs: int, seconds_left: float | None = None) -> str:
-    """``epoch 7/50  train loss 0.912 acc 68.1%  test loss 0.955 acc 66.8%  19 s  about 13 min
-    18 s left``; ``val`` figures too when the record has them."""
+    """``epoch 7/50  train loss 0.912 acc 68.1%  test loss 0.955 acc 66.8%  19 s`` + time left."""
     val = left = ""
     if "val_loss" in record:
         val = f"  val loss {record['val_loss']:.3f} acc {record['val_acc']:.1%}"

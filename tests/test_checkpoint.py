@@ -361,14 +361,21 @@ def test_provenance_hashes_are_stable_and_follow_weights_and_history():
     assert changed["weights sha256"] == facts["weights sha256"]
 
 
-def test_export_writes_weights_that_load_with_the_labs_normalization(run, tmp_path):
-    folder, _ = run
-    trained = C.load_trained(folder / "checkpoint.pt")
-    C.export(tmp_path / "weights.pt", trained)
-    state = torch.load(tmp_path / "weights.pt", weights_only=True)
-    assert state["history_sha256"] == C.provenance(trained.model, trained.history)["history sha256"]
-    loaded = C.load_trained(tmp_path / "weights.pt")
-    assert loaded.normalization == LAB_NORMALIZATION and "is a bare state dict" in loaded.note
-    assert C.provenance(loaded.model, [])["weights sha256"] == C.provenance(trained.model, [])["weights sha256"]
+def test_export_writes_a_state_dict_that_loads_with_the_runs_normalization(run, tmp_path):
+    """The exported file is a plain state dict (the lab script's ``load_state_dict`` reads it)
+    with the run's normalization: the lab's for a lab run, the measured one for another."""
+    lab = C.load_trained(run[0] / "checkpoint.pt")
+    measured = Trained(LabCNN(), Normalization((0.5, 0.4, 0.3), (0.25, 0.2, 0.3)), history=[{"epoch": 1}])
+    for trained in (lab, measured):
+        C.export(tmp_path / "weights.pt", trained)
+        state = torch.load(tmp_path / "weights.pt", weights_only=True)
+        assert state["history_sha256"] == C.provenance(trained.model, trained.history)["history sha256"]
+        LabCNN().load_state_dict(state["state_dict"])
+        loaded = C.load_trained(tmp_path / "weights.pt")
+        assert loaded.normalization == trained.normalization
+        assert loaded.note.startswith("normalization: the exported run's (mean (")
+        weights = C.provenance(loaded.model, [])["weights sha256"]
+        assert weights == C.provenance(trained.model, [])["weights sha256"]
+    assert lab.normalization == LAB_NORMALIZATION
     with pytest.raises(WriteError, match=re.escape(f"cannot write {tmp_path / 'no' / 'weights.pt'} (")):
-        C.export(tmp_path / "no" / "weights.pt", trained)
+        C.export(tmp_path / "no" / "weights.pt", lab)

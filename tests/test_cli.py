@@ -399,4 +399,4 @@ def test_an_exported_state_dict_verifies_with_its_history_beside_it(run, tmp_pat
     write_json(tmp_path / "lab.json", edited)
     assert status(["verify", tmp_path / "lab.pt", "--data-dir", root]) == 1
     printed = capsys.readouterr().out
-    assert f"MISMATCH: {tmp_path}/lab.json differs from the history {tmp_path}/lab.pt" in printed
+    assert f"MISMATCH: {tmp_path}/lab.json differs from the history saved in {tmp_path}/lab.pt" in printed

@@ -9,6 +9,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import to_hex
 
 import labcnn
+from test_results import best_epoch, first_reaching, headline, seconds_to, seed_spread
 from labcnn import WriteError, plots
 from labcnn.data import CLASSES
 
@@ -227,28 +228,28 @@ def test_headline_formats_a_run_as_printed():
     records = history(3, val=True, seconds=824.0)  # 2,472 s of wall time
     for r, acc in zip(records, (0.5, 0.7, 0.65)):
         r["test_acc"] = acc
-    h = plots.headline(records)
+    h = headline(records)
     assert h == {"final_acc": "65.00%", "final_loss": f"{2.1 / 3:.4f}", "best_epoch": "2",
                  "best_acc": "70.00%", "wall_time": "41 min 12 s", "train_time": "24 s",
                  "best_val_epoch": "3", "best_val_acc": f"{0.3 + 3 / 105:.2%}",
                  "final_val_acc": f"{0.3 + 3 / 105:.2%}", "original_epoch": "2",
                  "original_seconds": "16 s"}
-    assert "original_epoch" not in plots.headline(history(2))  # never reached 69.26%
+    assert "original_epoch" not in headline(history(2))  # never reached 69.26%
 
 
 def test_epoch_statistics():
     h = history(5)
     for r, acc in zip(h, (0.5, 0.7, 0.69, 0.72, 0.6)):
         r["test_acc"] = acc
-    assert plots.best_epoch(h)["epoch"] == 4
-    assert plots.first_reaching(h, 0.69)["epoch"] == 2 and plots.first_reaching(h, 0.8) is None
-    assert plots.seconds_to(h, 0.71) == 32.0 and plots.seconds_to(h, 0.8) is None
+    assert best_epoch(h)["epoch"] == 4
+    assert first_reaching(h, 0.69)["epoch"] == 2 and first_reaching(h, 0.8) is None
+    assert seconds_to(h, 0.71) == 32.0 and seconds_to(h, 0.8) is None
     assert plots.mean_over_epochs(h, "test_acc") == pytest.approx(0.642)
     swing = plots.epoch_swing(h, after=2)
     assert (swing["min"], swing["max"]) == (0.6, 0.72)
     assert swing["max_change"] == pytest.approx(0.12)
     assert swing["mean_change"] == pytest.approx(0.075)
-    spread = plots.seed_spread([history(1), history(2), history(3)])
+    spread = seed_spread([history(1), history(2), history(3)])
     assert spread["mean"] == pytest.approx(0.3 + 2 / 110)
     assert spread["std"] == pytest.approx(1 / 110)
     assert plots.spread([0.5])["std"] == 0.0

@@ -297,7 +297,7 @@ def test_non_finite_evaluation_stops_at_once_and_keeps_the_last_finite_checkpoin
     poison_evaluation(monkeypatch, where, epoch=2)
     config = make_config(**{**QUICK, "epochs": 3, "val_size": 40})
     with pytest.raises(TrainingDiverged, match=f"^the {name} became nan at epoch 2; .*checkpoint.pt "
-                                               r"\(epoch 1, all its figures finite\) is kept"):
+                                               r"\(epoch 1, all figures finite\) is kept"):
         T.fit(config, train, test, run_dir=tmp_path, device="cpu", log=quiet)
     state = load_checkpoint(tmp_path / "checkpoint.pt")
     assert state["epoch"] == 1 and all(map(math.isfinite, figures(state["history"][0])))
@@ -319,7 +319,7 @@ def test_divergence_names_epoch_and_step(tree_data, tmp_path, monkeypatch):
         T.fit(make_config(**{**QUICK, "epochs": 3}), train, test, run_dir=tmp_path, device="cpu", log=quiet)
     assert str(info.value) == (
         f"the training loss became nan at step 3 of epoch 2; {tmp_path / 'checkpoint.pt'} (epoch 1, all "
-        "its figures finite) is kept. Lower the learning rate and train into a new run folder")
+        "figures finite) is kept. Lower the learning rate and train into a new run folder")
     assert load_checkpoint(tmp_path / "checkpoint.pt")["epoch"] == 1
 
 
