@@ -30,13 +30,13 @@ PALETTE_COLORS = 64  # one palette for all frames: Pillow then stores only what 
 GREY, YELLOW, ORANGE, BLUE = "0.82", "#ffe680", (1.0, 0.55, 0.0, 0.3), "#1f4e9c"
 SHOW_GIF_CALL = re.compile(r"""\bshow_gif\(\s*["'](\w+)["']\s*\)""")
 Step = namedtuple("Step", "out window values result")  # window: top-left cell, padded input
+HTML_GIF = '<img src="data:image/gif;base64,{}"/>'  # what nbconvert and GitHub show
 
 def conv_output() -> torch.Tensor:
     """``F.conv2d(CONV_INPUT, CONV_KERNEL)`` with the lab's stride and padding: float32 [5, 5]."""
     return F.conv2d(CONV_INPUT[None], CONV_KERNEL[None, None], stride=STRIDE, padding=PADDING)[0]
 
-def pool_output() -> torch.Tensor:
-    """``F.max_pool2d(POOL_INPUT, POOL_SIZE)``: float32 [2, 2]."""
+def pool_output() -> torch.Tensor:  # F.max_pool2d(POOL_INPUT, POOL_SIZE): float32 [2, 2]
     return F.max_pool2d(POOL_INPUT[None], POOL_SIZE)[0]
 
 def pool_winners() -> list[tuple[int, int]]:
@@ -49,12 +49,10 @@ def _steps(grid: torch.Tensor, output: torch.Tensor, k: int, stride: int) -> lis
     return [Step((r, c), (r * stride, c * stride), windows[r, c], output[r, c].item())
             for r in range(len(output)) for c in range(len(output))]
 
-def conv_steps() -> list[Step]:
-    """The 25 kernel positions over the zero-padded input [6, 6], row by row."""
+def conv_steps() -> list[Step]:  # the 25 kernel positions over the padded [6, 6] input
     return _steps(F.pad(CONV_INPUT, (PADDING,) * 4), conv_output(), KERNEL_SIZE, STRIDE)
 
-def pool_steps() -> list[Step]:
-    """The 4 pooling windows over ``POOL_INPUT``, row by row."""
+def pool_steps() -> list[Step]:  # the 4 pooling windows over POOL_INPUT, row by row
     return _steps(POOL_INPUT, pool_output(), POOL_SIZE, POOL_SIZE)
 
 def _nums(values: torch.Tensor) -> list[str]:
@@ -134,9 +132,10 @@ def make_gifs(out_dir="Images") -> list[Path]:
     return paths
 
 def show_gif(name: str) -> None:
-    """Display GIF ``name`` as an ``image/gif`` cell output (Colab ignores markdown attachments)."""
-    from IPython.display import Image as IPythonImage, display  # notebooks only
-    display(IPythonImage(data=gif_bytes(name), format="gif"))
+    """GIF ``name`` as an ``image/gif`` output, and as HTML for nbconvert, which skips gif."""
+    from IPython.display import display  # notebooks only
+    data = base64.b64encode(gif_bytes(name)).decode("ascii")
+    display({"image/gif": data, "text/html": HTML_GIF.format(data)}, raw=True)
 
 def refresh_notebook(notebook_path, gif_paths) -> bool:
     """Set a code cell's n-th ``image/gif`` output to NAME.gif (of ``gif_paths``) of its n-th call
@@ -154,8 +153,9 @@ def refresh_notebook(notebook_path, gif_paths) -> bool:
         outputs = [out for out in cell.get("outputs", []) if "image/gif" in out.get("data", {})]
         for name, output in zip_longest(SHOW_GIF_CALL.findall("".join(cell["source"])), outputs):
             shown |= name in gifs
-            if name in gifs and output is not None and output["data"]["image/gif"] != gifs[name]:
-                output["data"]["image/gif"], changed = gifs[name], True
+            new = {"image/gif": gifs.get(name), "text/html": [HTML_GIF.format(gifs.get(name))]}
+            if name in gifs and output is not None and {**output["data"], **new} != output["data"]:
+                output["data"], changed = {**output["data"], **new}, True
     if not shown:
         raise ValueError(f"{path}: no code cell shows a GIF; expected a call show_gif(\"NAME\") "
                          f"with NAME one of: {', '.join(sorted(gifs)) or '(no GIF given)'}")

@@ -32,7 +32,8 @@ def executed(tmp_path_factory):
     shutil.copytree(REPO / "labcnn", site / "labcnn")  # imported from here: no checkout around it
     before, runs = fingerprint(), {}
     with serve(served) as url:
-        env = {**ENV, "PYTHONPATH": str(site), "LABCNN_CIFAR10_URL": f"{url}/cifar-10-python.tar.gz",
+        clean = {k: v for k, v in ENV.items() if not k.startswith("LABCNN_")}  # notebooks/conftest.py
+        env = {**clean, "PYTHONPATH": str(site), "LABCNN_CIFAR10_URL": f"{url}/cifar-10-python.tar.gz",
                "LABCNN_VERIFY": "0", "NO_PROXY": "127.0.0.1"}
         for case in ("clone", "alone"):
             work = tmp_path_factory.mktemp(case)
