@@ -12,7 +12,6 @@ import shutil
 import socket
 import stat
 import tarfile
-import tempfile
 import threading
 import time
 import warnings
@@ -36,7 +35,6 @@ from labcnn import DataError, WriteError, data
 from labcnn.data import CLASSES, load_cifar10
 
 RELEASE = sorted([*(name for name, _ in CIFAR10.train_list + CIFAR10.test_list), "batches.meta"])
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-jpeg.tar.gz"
 
 
 def entries(folder: Path) -> list[str]:
@@ -1009,25 +1007,9 @@ def test_two_loads_preparing_one_folder_at_once_both_succeed(tmp_path, monkeypat
 # ---------------------------------------------------------------- the real data, when at hand
 
 
-@pytest.fixture
-def real_test_split():
-    """The real test split, cifar10-jpeg/test/<class>/*.jpg, extracted from ../shared (into
-    memory when /dev/shm is there: 10,000 small files); skipped where that copy is absent."""
-    if not SHARED.is_file():
-        pytest.skip(f"no real CIFAR-10 copy at {SHARED}")
-    with tempfile.TemporaryDirectory(dir="/dev/shm" if os.path.isdir("/dev/shm") else None) as d:
-        with tarfile.open(fileobj=io.BytesIO(gzip.decompress(SHARED.read_bytes()))) as tar:
-            for member in tar:  # faster than extractall's checks of each path, for a known file
-                if member.isfile() and "/test/" in member.name and ".." not in member.name:
-                    path = Path(d, member.name)
-                    path.parent.mkdir(parents=True, exist_ok=True)
-                    path.write_bytes(tar.extractfile(member).read())
-        yield Path(d)
-
-
-def test_the_real_copy_loads_whole_then_from_its_cache(real_test_split, monkeypatch):
-    root = real_test_split / "cifar10-jpeg"
-    images, labels = load_cifar10(real_test_split, train=False)  # found in a subfolder
+def test_the_real_copy_loads_whole_then_from_its_cache(real_copy, monkeypatch):
+    root = real_copy / "cifar10-jpeg"
+    images, labels = load_cifar10(real_copy, train=False)  # found in a subfolder
     assert images.shape == (10_000, 3, 32, 32) and labels.bincount().tolist() == [1000] * 10
     mean = images.double().mean((0, 2, 3)) / 255  # the README's test-set figures, roughly
     assert torch.allclose(mean, torch.tensor([0.49, 0.48, 0.45], dtype=torch.float64), atol=0.02)
