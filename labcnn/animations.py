@@ -1,4 +1,5 @@
 """The lab's GIFs of a 2x2 convolution (cross-correlation, as in PyTorch) and a 2x2 max-pool."""
+
 import base64
 import io
 import json
@@ -16,14 +17,16 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 from PIL import Image
 
-from labcnn.fileio import atomic_write, make_dir
+from labcnn import ConfigError, LabcnnError
+from labcnn.fileio import atomic_write, make_dir, read_notebook
 from labcnn.model import KERNEL_SIZE, PADDING, POOL_SIZE, STRIDE  # the lab's layers, one home
 
 # Small integers to check by hand; POOL_INPUT is odd like conv1's 33x33 output: pooling drops a row.
 CONV_INPUT = torch.tensor([[1, 2, 0, 3], [0, 1, 2, 1], [3, 0, 1, 2], [2, 1, 0, 1]]).float()
 CONV_KERNEL = torch.tensor([[1, 0], [-1, 2]]).float()
-POOL_INPUT = torch.tensor([[1, 3, 2, 0, 4], [0, 2, 5, 1, 3], [4, 1, 0, 2, 1], [2, 6, 3, 1, 0],
-                           [7, 0, 1, 5, 2]]).float()
+POOL_INPUT = torch.tensor(
+    [[1, 3, 2, 0, 4], [0, 2, 5, 1, 3], [4, 1, 0, 2, 1], [2, 6, 3, 1, 0], [7, 0, 1, 5, 2]]
+).float()
 GIFS = {"convolution": 500, "maxpool": 1000}  # name: milliseconds per window position
 HOLD_MS = 4000  # the finished output stays this long before the GIF loops
 PALETTE_COLORS = 64  # one palette for all frames: Pillow then stores only what changes
@@ -32,40 +35,58 @@ SHOW_GIF_CALL = re.compile(r"""\bshow_gif\(\s*["'](\w+)["']\s*\)""")
 Step = namedtuple("Step", "out window values result")  # window: top-left cell, padded input
 HTML_GIF = '<img src="data:image/gif;base64,{}"/>'  # what nbconvert and GitHub show
 
+
 def conv_output() -> torch.Tensor:
     """``F.conv2d(CONV_INPUT, CONV_KERNEL)`` with the lab's stride and padding: float32 [5, 5]."""
     return F.conv2d(CONV_INPUT[None], CONV_KERNEL[None, None], stride=STRIDE, padding=PADDING)[0]
 
-def pool_output() -> torch.Tensor:  # F.max_pool2d(POOL_INPUT, POOL_SIZE): float32 [2, 2]
+
+def pool_output() -> torch.Tensor:
+    """``F.max_pool2d(POOL_INPUT, POOL_SIZE)``: float32 [2, 2]."""
     return F.max_pool2d(POOL_INPUT[None], POOL_SIZE)[0]
+
 
 def pool_winners() -> list[tuple[int, int]]:
     """(row, col) in ``POOL_INPUT`` of each window's maximum (``return_indices``), step order."""
     _, index = F.max_pool2d(POOL_INPUT[None], POOL_SIZE, return_indices=True)
     return [divmod(i, POOL_INPUT.shape[1]) for i in index.flatten().tolist()]
 
+
 def _steps(grid: torch.Tensor, output: torch.Tensor, k: int, stride: int) -> list[Step]:
     windows = grid.unfold(0, k, stride).unfold(1, k, stride)  # [rows, cols, k, k]
-    return [Step((r, c), (r * stride, c * stride), windows[r, c], output[r, c].item())
-            for r in range(len(output)) for c in range(len(output))]
+    return [
+        Step((r, c), (r * stride, c * stride), windows[r, c], output[r, c].item())
+        for r in range(len(output))
+        for c in range(len(output))
+    ]
 
-def conv_steps() -> list[Step]:  # the 25 kernel positions over the padded [6, 6] input
+
+def conv_steps() -> list[Step]:
+    """The 25 kernel positions over the padded [6, 6] input, row by row."""
     return _steps(F.pad(CONV_INPUT, (PADDING,) * 4), conv_output(), KERNEL_SIZE, STRIDE)
 
-def pool_steps() -> list[Step]:  # the 4 pooling windows over POOL_INPUT, row by row
+
+def pool_steps() -> list[Step]:
+    """The 4 pooling windows over POOL_INPUT, row by row."""
     return _steps(POOL_INPUT, pool_output(), POOL_SIZE, POOL_SIZE)
+
 
 def _nums(values: torch.Tensor) -> list[str]:
     return [f"({v:g})" if v < 0 else f"{v + 0.0:g}" for v in values.flatten().tolist()]  # no -0
 
+
 def conv_formula(step: Step) -> str:
     """One step's sum of products, e.g. ``out[0, 0] = 0*1 + 0*0 + 0*(-1) + 1*2 = 2``."""
-    products = " + ".join(f"{a}*{b}" for a, b in zip(_nums(step.values), _nums(CONV_KERNEL)))
+    products = " + ".join(
+        f"{a}*{b}" for a, b in zip(_nums(step.values), _nums(CONV_KERNEL), strict=False)
+    )
     return f"out{list(step.out)} = {products} = {step.result:g}"
+
 
 def pool_formula(step: Step) -> str:
     """One step's maximum, e.g. ``out[0, 0] = max(1, 3, 0, 2) = 3``."""
     return f"out{list(step.out)} = max({', '.join(_nums(step.values))}) = {step.result:g}"
+
 
 def _panel(ax, values, title, shown=None, grey=None, window=None, mark=None, ringed=()) -> None:
     """Draw ``values`` [H, W]: numbers ``shown`` (None: all), ``window`` (row, col, k) in red."""
@@ -73,81 +94,140 @@ def _panel(ax, values, title, shown=None, grey=None, window=None, mark=None, rin
         face = YELLOW if (r, c) == mark else GREY if grey is not None and grey[r, c] else "white"
         ax.add_artist(Rectangle((c, r), 1, 1, facecolor=face, edgecolor="0.35"))
         if shown is None or (r, c) in shown:  # zorder 3, above every cell
-            ax.text(c + 0.5, r + 0.5, f"{v + 0.0:g}", ha="center", va="center", fontsize=13,
-                    **(dict(fontweight="bold", color=BLUE) if (r, c) in ringed else {}))
+            ax.text(
+                c + 0.5,
+                r + 0.5,
+                f"{v + 0.0:g}",
+                ha="center",
+                va="center",
+                fontsize=13,
+                **(dict(fontweight="bold", color=BLUE) if (r, c) in ringed else {}),
+            )
         if (r, c) in ringed:
-            ax.add_artist(Rectangle((c + 0.1, r + 0.1), 0.8, 0.8, fill=False, edgecolor=BLUE,
-                                    linewidth=2.5, zorder=3))
+            ax.add_artist(
+                Rectangle(
+                    (c + 0.1, r + 0.1),
+                    0.8,
+                    0.8,
+                    fill=False,
+                    edgecolor=BLUE,
+                    linewidth=2.5,
+                    zorder=3,
+                )
+            )
     if window:
         ax.add_artist(Rectangle(window[1::-1], window[2], window[2], fc=ORANGE, ec="red", lw=3))
     ax.text(0.5, 1.03, title, transform=ax.transAxes, ha="center", va="bottom", fontsize=12)
     ax.set(xlim=(-0.1, values.shape[1] + 0.1), ylim=(len(values) + 0.1, -0.1), aspect="equal")
     ax.set_axis_off()
 
+
 def gif_bytes(name: str) -> bytes:
-    """GIF ``name`` (a key of GIFS, else ValueError): a frame per window position, then the end."""
+    """GIF ``name`` (a key of GIFS, else ConfigError): a frame per window position, then the end."""
     if name not in GIFS:
-        raise ValueError(f"no GIF named {name!r}: expected one of {', '.join(GIFS)}")
+        raise ConfigError(f"no GIF named {name!r}: expected one of {', '.join(GIFS)}")
     if name == "convolution":
         steps, output, n, pad = conv_steps(), conv_output(), len(CONV_INPUT), (PADDING,) * 4
-        inputs = [dict(values=F.pad(CONV_INPUT, pad), grey=F.pad(0 * CONV_INPUT, pad, value=1),
-                       title=f"input {n}x{n}, zero padding grey"),
-                  dict(values=CONV_KERNEL, title=f"kernel {KERNEL_SIZE}x{KERNEL_SIZE}")]
+        inputs = [
+            dict(
+                values=F.pad(CONV_INPUT, pad),
+                grey=F.pad(0 * CONV_INPUT, pad, value=1),
+                title=f"input {n}x{n}, zero padding grey",
+            ),
+            dict(values=CONV_KERNEL, title=f"kernel {KERNEL_SIZE}x{KERNEL_SIZE}"),
+        ]
         size = f"floor(({n} + 2*{PADDING} - {KERNEL_SIZE}) / {STRIDE}) + 1"
         formula, figsize, widths, winners = conv_formula, (8, 3.9), (6, 2.4, 5), ()
     else:
         steps, output, n = pool_steps(), pool_output(), len(POOL_INPUT)
         reached = len(output) * POOL_SIZE  # the stride is the window: rows and columns pooled
-        inputs = [dict(values=POOL_INPUT, title=f"input {n}x{n}, never pooled grey",
-                       grey=F.pad(torch.zeros(reached, reached), (0, n - reached) * 2, value=1))]
+        inputs = [
+            dict(
+                values=POOL_INPUT,
+                title=f"input {n}x{n}, never pooled grey",
+                grey=F.pad(torch.zeros(reached, reached), (0, n - reached) * 2, value=1),
+            )
+        ]
         size = f"floor(({n} - {POOL_SIZE}) / {POOL_SIZE}) + 1"
         formula, figsize, widths, winners = pool_formula, (6, 3.9), (5, 2.6), pool_winners()
     frames = []  # uint8 [H, W, 3]
     with matplotlib.style.context("default"):  # the same pixels whatever the session's style
         for i, step in enumerate([*steps, None]):
             fig = FigureCanvasAgg(Figure(figsize=figsize, dpi=80)).figure  # whatever the backend
-            axes = fig.subplots(1, len(widths), width_ratios=widths, gridspec_kw=dict(
-                left=0.02, right=0.98, top=0.88, bottom=0.17, wspace=0.15))
-            fig.text(0.5, 0.04, formula(step) if step else f"output size {size} = {len(output)}",
-                     ha="center", family="monospace", fontsize=12)
-            done = {s.out for s in steps[:i + 1]}
-            panels = [*inputs, dict(values=output, title=f"output {len(output)}x{len(output)}",
-                                    shown=done, mark=step and step.out, ringed=winners and done)]
-            panels[0] = dict(panels[0], window=step and (*step.window, len(step.values)),
-                             ringed=set(winners[:i + 1]))
-            for ax, panel in zip(axes, panels):
+            axes = fig.subplots(
+                1,
+                len(widths),
+                width_ratios=widths,
+                gridspec_kw=dict(left=0.02, right=0.98, top=0.88, bottom=0.17, wspace=0.15),
+            )
+            fig.text(
+                0.5,
+                0.04,
+                formula(step) if step else f"output size {size} = {len(output)}",
+                ha="center",
+                family="monospace",
+                fontsize=12,
+            )
+            done = {s.out for s in steps[: i + 1]}
+            panels = [
+                *inputs,
+                dict(
+                    values=output,
+                    title=f"output {len(output)}x{len(output)}",
+                    shown=done,
+                    mark=step and step.out,
+                    ringed=winners and done,
+                ),
+            ]
+            panels[0] = dict(
+                panels[0],
+                window=step and (*step.window, len(step.values)),
+                ringed=set(winners[: i + 1]),
+            )
+            for ax, panel in zip(axes, panels, strict=False):
                 _panel(ax, **panel)
             fig.canvas.draw()
             frames.append(np.asarray(fig.canvas.buffer_rgba())[..., :3])
     palette = Image.fromarray(np.concatenate(frames)).quantize(PALETTE_COLORS, Image.MEDIANCUT)
     indexed = [Image.fromarray(f).quantize(palette=palette, dither=Image.NONE) for f in frames]
-    indexed[0].save(buffer := io.BytesIO(), format="GIF", save_all=True, append_images=indexed[1:],
-                    duration=[GIFS[name]] * len(steps) + [HOLD_MS], loop=0)
+    indexed[0].save(
+        buffer := io.BytesIO(),
+        format="GIF",
+        save_all=True,
+        append_images=indexed[1:],
+        duration=[GIFS[name]] * len(steps) + [HOLD_MS],
+        loop=0,
+    )
     return buffer.getvalue()
+
 
 def make_gifs(out_dir="Images") -> list[Path]:
     """Write ``NAME.gif`` for each GIF into ``out_dir`` (atomically; WriteError); return paths."""
-    for path in (paths := [make_dir(out_dir) / f"{name}.gif" for name in GIFS]):
-        atomic_write(path, lambda f, data=gif_bytes(path.stem): f.write(data))
+    folder = make_dir(out_dir)
+    paths = []
+    for name in GIFS:
+        data = gif_bytes(name)
+        paths.append(folder / f"{name}.gif")
+        atomic_write(paths[-1], lambda f, data=data: f.write(data))
     return paths
+
 
 def show_gif(name: str) -> None:
     """GIF ``name`` as an ``image/gif`` output, and as HTML for nbconvert, which skips gif."""
     from IPython.display import display  # notebooks only
+
     data = base64.b64encode(gif_bytes(name)).decode("ascii")
     display({"image/gif": data, "text/html": HTML_GIF.format(data)}, raw=True)
+
 
 def refresh_notebook(notebook_path, gif_paths) -> bool:
     """Set a code cell's n-th ``image/gif`` output to NAME.gif (of ``gif_paths``) of its n-th call
     ``show_gif("NAME")``; write as Jupyter does, only on a change; return whether there was one.
-    ValueError: not a notebook, or no code cell shows a GIF."""
+    LabcnnError: not a notebook, or no code cell shows a GIF."""
     path = Path(notebook_path)
     gifs = {Path(p).stem: base64.b64encode(Path(p).read_bytes()).decode("ascii") for p in gif_paths}
-    try:
-        notebook = json.loads(path.read_text(encoding="utf-8"))
-        cells = [cell for cell in notebook["cells"] if cell["cell_type"] == "code"]
-    except (ValueError, KeyError, TypeError) as error:  # JSONDecodeError is a ValueError
-        raise ValueError(f"{path} is not a Jupyter notebook ({error})") from None
+    notebook = read_notebook(path)
+    cells = [cell for cell in notebook["cells"] if cell.get("cell_type") == "code"]
     shown, changed = False, False
     for cell in cells:
         outputs = [out for out in cell.get("outputs", []) if "image/gif" in out.get("data", {})]
@@ -157,8 +237,10 @@ def refresh_notebook(notebook_path, gif_paths) -> bool:
             if name in gifs and output is not None and {**output["data"], **new} != output["data"]:
                 output["data"], changed = {**output["data"], **new}, True
     if not shown:
-        raise ValueError(f"{path}: no code cell shows a GIF; expected a call show_gif(\"NAME\") "
-                         f"with NAME one of: {', '.join(sorted(gifs)) or '(no GIF given)'}")
+        raise LabcnnError(
+            f'{path}: no code cell shows a GIF; expected a call show_gif("NAME") '
+            f"with NAME one of: {', '.join(sorted(gifs)) or '(no GIF given)'}"
+        )
     if changed:
         text = json.dumps(notebook, indent=1, sort_keys=True, ensure_ascii=False) + "\n"
         atomic_write(path, lambda f: f.write(text.encode("utf-8")))

@@ -1,31 +1,39 @@
-"""Run checkpoints, written atomically, read with weights_only=True (no code runs); one loader."""
+"""Checkpoint files: written atomically, read with ``weights_only=True`` (no code in a file runs),
+and one loader for a labcnn checkpoint or the lab network's weights saved by any tool."""
+
 import hashlib
 import json
 import pickle
 import zipfile
-from contextlib import contextmanager, nullcontext
 from dataclasses import astuple
 from pathlib import Path
 
 import torch
 
 from labcnn import CheckpointError, ConfigError
-from labcnn.config import config_dict, config_from_dict
-from labcnn.fileio import atomic_write, make_dir, run_lock, write_json
+from labcnn.fileio import atomic_write, what_is
 from labcnn.model import LAB_NORMALIZATION, LabCNN, Normalization, Trained
+from labcnn.settings import config_dict, config_from_dict
 
 FORMAT, VERSION = "labcnn-checkpoint", 2  # version 1: no data fingerprints, no scaler
 CHECKPOINT, HISTORY = "checkpoint.pt", "history.json"
 KEYS = ("model", "optimizer", "scheduler", "epoch", "history", "config", "normalization")
 WRAPPERS = ("model_state_dict", "state_dict", "model")  # dicts people save around a state dict
-ACCEPTED = ("accepted: a checkpoint.pt written by python -m labcnn train, or the lab network's "
-            "state_dict, alone or under 'model_state_dict' or 'state_dict'")
+# Prefixes that wrappers add to every key, in any order: DataParallel and DistributedDataParallel
+# add "module.", torch.compile "_orig_mod." (pytorch/pytorch#101107).
+PREFIXES = ("module.", "_orig_mod.")
+ACCEPTED = (
+    "accepted: a checkpoint.pt written by python -m labcnn train, or the lab network's "
+    "state_dict, alone or under 'model_state_dict' or 'state_dict'"
+)
+
 
 def fingerprint(images: torch.Tensor, labels: torch.Tensor) -> str:
     """SHA-256 (16 hex digits) of uint8 images ``[N, 3, 32, 32]`` and int64 labels ``[N]``."""
     digest = hashlib.sha256(images.cpu().contiguous().numpy().tobytes())
     digest.update(labels.cpu().to(torch.int64).contiguous().numpy().tobytes())
     return digest.hexdigest()[:16]
+
 
 def provenance(model, history: list[dict]) -> dict[str, str]:
     """Hex SHA-256s of the state dict (names, tensor bytes) and of the history (sorted JSON)."""
@@ -36,87 +44,74 @@ def provenance(model, history: list[dict]) -> dict[str, str]:
     history = hashlib.sha256(json.dumps(history, sort_keys=True).encode())
     return {"weights sha256": weights.hexdigest(), "history sha256": history.hexdigest()}
 
+
+def normalization_dict(normalization: Normalization) -> dict:
+    """``normalization`` as plain lists, which ``weights_only`` loading reads."""
+    return {"mean": list(normalization.mean), "std": list(normalization.std)}
+
+
 def export(path, trained: Trained) -> None:
     """Write ``trained``'s state dict (2.4 MB), normalization and history SHA-256; WriteError."""
-    norm = trained.normalization
-    state = {"state_dict": trained.model.state_dict(),
-             "normalization": {"mean": list(norm.mean), "std": list(norm.std)},
-             "history_sha256": provenance(trained.model, trained.history)["history sha256"]}
+    state = {
+        "state_dict": trained.model.state_dict(),
+        "normalization": normalization_dict(trained.normalization),
+        "history_sha256": provenance(trained.model, trained.history)["history sha256"],
+    }
     atomic_write(path, lambda f: torch.save(state, f))
 
-@contextmanager
-def run_folder(run_dir):
-    """Create ``run_dir`` (None: none) and lock it for the block; WriteError, RunFolderBusy."""
-    folder = make_dir(Path(run_dir).expanduser()) if run_dir is not None else None
-    with run_lock(folder) if folder is not None else nullcontext():
-        yield folder
 
-def save(folder: Path, trained: Trained, data: dict, model, optimizer, scheduler, scaler) -> None:
-    """Write checkpoint.pt, then history.json and the curves; on WriteError the old one stays."""
-    norm, path = trained.normalization, folder / CHECKPOINT
-    state = {"format": f"{FORMAT}-{VERSION}", "model": model.state_dict(),
-             "optimizer": optimizer.state_dict(), "scheduler": scheduler and scheduler.state_dict(),
-             "scaler": scaler and scaler.state_dict(), "epoch": trained.epoch,
-             "history": trained.history, "data": data, "config": config_dict(trained.config),
-             "normalization": {"mean": list(norm.mean), "std": list(norm.std)}}
-    kept = f"the previous {CHECKPOINT} is kept" if path.exists() else f"no {CHECKPOINT} was written"
-    atomic_write(path, lambda f: torch.save(state, f), f"{kept}; free disk space or make "
-                 f"{folder} writable, then run the same command to resume")
-    write_json(folder / HISTORY, trained.history)
-    from labcnn import plots  # matplotlib only once a run folder is written
-    plots.save_curves(folder, trained.history)
+def save(path: Path, trained: Trained, data: dict, state: dict) -> None:
+    """Write a checkpoint of ``trained`` (``state``: its model, optimizer, scheduler and scaler;
+    ``data``: the splits' fingerprints) to ``path``; on WriteError the previous file is kept."""
+    checkpoint = {
+        "format": f"{FORMAT}-{VERSION}",
+        "epoch": trained.epoch,
+        "history": trained.history,
+        "data": data,
+        "config": config_dict(trained.config),
+        "normalization": normalization_dict(trained.normalization),
+    }
+    for key, part in state.items():  # a missing scheduler is stored as None
+        checkpoint[key] = part.state_dict() if part is not None else None
+    kept = f"the previous {path.name} is kept" if path.exists() else f"no {path.name} was written"
+    advice = f"{kept}; free disk space or make {path.parent} writable, then run the same command"
+    atomic_write(path, lambda f: torch.save(checkpoint, f), advice + " to resume")
 
-def resume(folder, config, data: dict, model, optimizer, scheduler, scaler) -> list[dict]:
-    """Restore the run in ``folder`` into the given objects; return its history (``[]``: none).
-    Raises CheckpointError: damaged, from a newer labcnn, or of other settings or data."""
-    if folder is None or not (path := Path(folder) / CHECKPOINT).exists():
-        return []
-    state = load_checkpoint(path)
-    saved = checkpoint_config(path, state)
-    changed = [f"{k}={v!r} (now {getattr(config, k)!r})" for k, v in vars(saved).items()
-               if v != getattr(config, k)]
-    if changed:
-        raise CheckpointError(f"{path} was written with other settings: {', '.join(changed)}. "
-                              "Resume with the saved settings, or use a new output folder")
-    other = [f"{split} images (fingerprint {state['data'][split]}, now {data[split]})"
-             for split in ("train", "test") if state.get("data", data)[split] != data[split]]
-    if other:
-        raise CheckpointError(f"{path} was trained on other data: the {' and '.join(other)} "
-                              "differ. Resume with the run's --data-dir or use a new output folder")
-    load_weights(path, model, state["model"])
-    for part, key in ((optimizer, "optimizer"), (scheduler, "scheduler"), (scaler, "scaler")):
-        if part is not None and state.get(key):  # version 1 saved no scaler; {}: a disabled one
-            part.load_state_dict(state[key])
-    write_json(Path(folder) / HISTORY, state["history"])  # a kill between two writes: resync it
-    return state["history"]
 
 def read_file(path):
-    """``path`` loaded onto the CPU, weights only; CheckpointError: missing, damaged or pickled."""
+    """``path`` loaded onto the CPU, weights only, in any format torch reads so (the zip format
+    of torch 1.6 and later, and the older one). CheckpointError: missing, damaged, pickled."""
     path = Path(path).expanduser()
+    if path.is_dir():
+        inside = path / CHECKPOINT
+        what = f"a run folder: pass {inside}" if inside.is_file() else "a folder, not a file"
+        raise CheckpointError(f"{path} is {what}; {ACCEPTED}")
+    if path.is_symlink() and not path.exists():
+        raise CheckpointError(f"{path} is {what_is(path)}: fix the link, or pass the file itself")
     if not path.is_file():
         raise CheckpointError(f"no checkpoint at {path}")
-    damaged = (f"{path} is not a readable checkpoint: it is truncated or damaged, or was not "
-               "written by torch.save (zip format, torch 1.6 or later)")
+    damaged = f"{path} is not a readable checkpoint: it is truncated or damaged, or was not "
+    damaged += "written by torch.save"
     try:
-        with zipfile.ZipFile(path) as archive:
-            if archive.testzip() is not None:
-                raise CheckpointError(damaged)
-    except (zipfile.BadZipFile, EOFError, OSError):
-        raise CheckpointError(damaged) from None
-    try:
+        # torch does not check the zip members' CRCs: a flipped byte would load silently.
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as archive:
+                if archive.testzip() is not None:
+                    raise CheckpointError(damaged)
         return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        raise CheckpointError(f"{path} holds pickled Python objects (such as a whole model saved "
-                              "with torch.save(model)), which weights_only loading refuses so "
-                              "that no code runs: save model.state_dict() instead") from None
-    except Exception as e:
+    except CheckpointError:
+        raise
+    except pickle.UnpicklingError as e:
+        if "Unsupported global" not in str(e):  # not a pickle torch reads: damaged
+            raise CheckpointError(damaged) from None
+        raise CheckpointError(
+            f"{path} holds pickled Python objects (such as a whole model saved with "
+            "torch.save(model)), which weights_only loading refuses so that no code runs: "
+            "save model.state_dict() instead"
+        ) from None
+    except Exception as e:  # zipfile, torch and pickle raise many types on damaged files
         raise CheckpointError(f"{damaged} ({type(e).__name__})") from None
 
-def load_checkpoint(path) -> dict:
-    """A labcnn checkpoint (see :func:`save`), loaded on the CPU; else CheckpointError."""
-    if checkpoint_config(path, state := read_file(path)) is None:
-        raise CheckpointError(f"{path} is not a labcnn checkpoint: {describe(state)}")
-    return state
 
 def checkpoint_config(path, state):
     """The TrainConfig of ``state`` if it is a labcnn checkpoint (fields it predates: defaults),
@@ -125,8 +120,10 @@ def checkpoint_config(path, state):
     if not isinstance(name, str) or not name.startswith(f"{FORMAT}-"):
         return None
     if name not in [f"{FORMAT}-{v}" for v in range(1, VERSION + 1)]:
-        raise CheckpointError(f"{path} comes from a newer labcnn (format {name}; this one reads "
-                              f"up to {FORMAT}-{VERSION}): update labcnn (pip install -U)")
+        raise CheckpointError(
+            f"{path} comes from a newer labcnn (format {name}; this one reads "
+            f"up to {FORMAT}-{VERSION}): update labcnn (pip install -U)"
+        )
     missing = [k for k in KEYS if k not in state]
     if missing:
         raise CheckpointError(f"{path} lacks {missing}: expected a complete {name} checkpoint")
@@ -135,10 +132,20 @@ def checkpoint_config(path, state):
     except (ConfigError, TypeError) as e:
         raise CheckpointError(f"{path} {e}") from None
 
+
+def load_checkpoint(path) -> dict:
+    """A labcnn checkpoint (see :func:`save`), loaded on the CPU; else CheckpointError."""
+    state = read_file(path)
+    if checkpoint_config(path, state) is None:
+        raise CheckpointError(f"{path} is not a labcnn checkpoint: {describe(state)}")
+    return state
+
+
 def load_trained(path, device="cpu", normalization: Normalization | None = None) -> Trained:
-    """The one model loader: a labcnn checkpoint, an exported, bare or wrapped state dict, with its
-    own normalization, else the lab's, unless ``normalization`` is given. A Trained in eval mode,
-    ``channels_last``, on ``device``; ``note``: whence its normalization. Raises CheckpointError."""
+    """The one model loader: a labcnn checkpoint, or an exported, bare or wrapped state dict,
+    with its own normalization, else the lab's, unless ``normalization`` is given. Returns a
+    Trained in eval mode, ``channels_last``, on ``device``; ``note`` says whence its
+    normalization came. Raises CheckpointError."""
     path = Path(path).expanduser()
     state = read_file(path)
     norm = state.get("normalization") if isinstance(state, dict) else None
@@ -146,58 +153,88 @@ def load_trained(path, device="cpu", normalization: Normalization | None = None)
         saved = Normalization(norm["mean"], norm["std"]) if isinstance(norm, dict) else None
     except (KeyError, TypeError, ConfigError) as e:
         raise CheckpointError(f"{path} holds an invalid normalization ({e})") from None
-    if (config := checkpoint_config(path, state)) is not None:
+    config = checkpoint_config(path, state)
+    if config is not None:
         trained = Trained(LabCNN(), saved, config, state["history"])
         weights, source = state["model"], "normalization: the checkpoint's"
     else:  # a state dict, with its normalization if export() wrote it
         trained = Trained(LabCNN(), saved or LAB_NORMALIZATION)
         weights = bare_state_dict(path, state)
-        source = ("normalization: the exported run's" if saved
-                  else f"{path} is a bare state dict: normalization is the lab's")
+        source = "normalization: the exported run's"
+        if not saved:
+            source = f"{path} is a bare state dict: normalization is the lab's"
     if normalization is not None:
         trained.normalization, source = normalization, "normalization: as given"
     load_weights(path, trained.model, weights)
-    mean, std = (", ".join(f"{v:.4f}" for v in vs) for vs in astuple(trained.normalization))
+    mean, std = (", ".join(f"{v:.4f}" for v in values) for values in astuple(trained.normalization))
     trained.note = f"{source} (mean ({mean}), std ({std}))"
     if trained.config is None and normalization is None:
         trained.note += "; --mean and --std choose others"
     trained.model.to(device, memory_format=torch.channels_last).eval()
     return trained
 
+
 def is_state_dict(value) -> bool:
-    return isinstance(value, dict) and bool(value) and all(
-        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in value.items())
+    """Whether ``value`` is a non-empty dict of names to tensors."""
+    if not isinstance(value, dict) or not value:
+        return False
+    return all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in value.items())
+
 
 def bare_state_dict(path, state) -> dict:
-    """LabCNN's weights in a bare or wrapped state dict, prefixes stripped; else CheckpointError."""
+    """The state dict in ``state``, bare or under a WRAPPERS key; else CheckpointError."""
     if isinstance(state, dict) and not is_state_dict(state):
         state = next((state[k] for k in WRAPPERS if is_state_dict(state.get(k))), state)
     if not is_state_dict(state):
-        raise CheckpointError(f"{path} is not a labcnn checkpoint nor a state dict: "
-                              f"{describe(state)}; {ACCEPTED}")
-    for prefix in ("module.", "_orig_mod."):  # added by DataParallel/DDP and by torch.compile
-        if all(k.startswith(prefix) for k in state):
-            state = {k[len(prefix):]: v for k, v in state.items()}
+        raise CheckpointError(
+            f"{path} is not a labcnn checkpoint nor a state dict: {describe(state)}; {ACCEPTED}"
+        )
     return state
+
+
+def without_prefixes(weights: dict) -> dict:
+    """``weights`` with PREFIXES removed while every key starts with one, in any order."""
+    while True:
+        prefix = next((p for p in PREFIXES if all(k.startswith(p) for k in weights)), None)
+        if prefix is None:
+            return weights
+        weights = {k.removeprefix(prefix): v for k, v in weights.items()}
+
 
 def describe(value) -> str:
     """What a loaded file holds, for error messages: ``found a dict with keys [...]``."""
     if not isinstance(value, dict):
         return f"found a {type(value).__name__}"
-    return f"found a dict with keys {list(value)[:6]}{' ...' * (len(value) > 6)}"
+    more = " ..." if len(value) > 6 else ""
+    return f"found a dict with keys {list(value)[:6]}{more}"
+
 
 def load_weights(path, model: LabCNN, weights) -> None:
-    """Load ``weights`` into ``model``; CheckpointError naming missing, unexpected, misfit keys."""
-    own = model.state_dict()
+    """Load ``weights`` into ``model`` as torch's ``load_state_dict`` does, after removing
+    wrapper prefixes; CheckpointError naming missing, unexpected or misfit keys."""
     if not is_state_dict(weights):
         raise CheckpointError(f"{path} holds weights of another model: {describe(weights)}")
-    problems = {"missing": [k for k in own if k not in weights],
-                "unexpected": [k for k in weights if k not in own],
-                "shapes differ:": [f"{k} {list(weights[k].shape)} (LabCNN: {list(v.shape)})"
-                                   for k, v in own.items() if weights.get(k, v).shape != v.shape]}
-    found = "; ".join(f"{what} {keys[:3]}{' ...' * (len(keys) > 3)}"
-                      for what, keys in problems.items() if keys)
-    if found:
-        raise CheckpointError(f"{path} holds weights of another model, not LabCNN's ({found}); "
-                              f"{ACCEPTED}")
-    model.load_state_dict(weights)
+    weights = without_prefixes(weights)
+    try:
+        model.load_state_dict(weights)
+        return
+    except RuntimeError:
+        pass  # torch's message spans lines: name the differences in one
+    own = model.state_dict()
+    problems = {
+        "missing": [k for k in own if k not in weights and "num_batches_tracked" not in k],
+        "unexpected": [k for k in weights if k not in own],
+        "shapes differ:": [
+            f"{k} {list(weights[k].shape)} (LabCNN: {list(v.shape)})"
+            for k, v in own.items()
+            if k in weights and weights[k].shape != v.shape
+        ],
+    }
+    found = [
+        f"{what} {keys[:3]}{' ...' if len(keys) > 3 else ''}"
+        for what, keys in problems.items()
+        if keys
+    ]
+    raise CheckpointError(
+        f"{path} holds weights of another model, not LabCNN's ({'; '.join(found)}); {ACCEPTED}"
+    )

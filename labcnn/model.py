@@ -1,5 +1,6 @@
 """The lab's CNN for CIFAR-10 (600,746 parameters), the normalization a trained one must be used
 with, and the arithmetic of its layers."""
+
 from __future__ import annotations
 
 import copy
@@ -16,6 +17,7 @@ INPUT_SIZE = (1, 3, 32, 32)  # one CIFAR-10 image, [N, C, H, W]
 KERNEL_SIZE, STRIDE, PADDING = 2, 1, 1  # every Conv2d (also drawn by labcnn.animations)
 POOL_SIZE = 2  # MaxPool2d(2): a 2x2 window, stride 2 (the stride defaults to the window)
 CHANNELS = (32, 64, 128)  # out_channels of conv1, conv2, conv3
+
 
 class LabCNN(nn.Module):
     """The lab's network, with the lab's submodule names.
@@ -38,6 +40,7 @@ class LabCNN(nn.Module):
 
     @staticmethod
     def block(in_channels: int, out_channels: int) -> nn.Sequential:
+        """One block: convolution, BatchNorm, ReLU, then 2x2 max pooling."""
         return nn.Sequential(
             nn.Conv2d(in_channels, out_channels, KERNEL_SIZE, stride=STRIDE, padding=PADDING),
             nn.BatchNorm2d(out_channels),
@@ -46,21 +49,25 @@ class LabCNN(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits ``[N, 10]`` of normalized images ``[N, 3, 32, 32]``."""
         x = self.conv3(self.conv2(self.conv1(x)))
         x = torch.flatten(x, 1)
         x = self.relu(self.fc1(x))
         x = self.relu(self.fc2(x))
         return self.fc3(x)
 
+
 # The lab's constants: the mean is CIFAR-10's; the "std" is the mean of per-image stds, not the
 # pixel std, which is (0.2470, 0.2435, 0.2616) (kuangliu/pytorch-cifar issue #135).
 LAB_MEAN = (0.4914, 0.4822, 0.4465)
 LAB_STD = (0.2023, 0.1994, 0.2010)
 
+
 @dataclass(frozen=True)
 class Normalization:
     """Per-channel ``mean`` and ``std`` as fractions of 255; ConfigError unless three finite
     numbers each, std above 0."""
+
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
 
@@ -72,8 +79,10 @@ class Normalization:
         except (TypeError, ValueError):
             ok = False
         if not ok:
-            raise ConfigError(f"invalid normalization mean={self.mean!r}, std={self.std!r}: "
-                              "expected three finite numbers each, std > 0")
+            raise ConfigError(
+                f"invalid normalization mean={self.mean!r}, std={self.std!r}: "
+                "expected three finite numbers each, std > 0"
+            )
         object.__setattr__(self, "mean", mean)
         object.__setattr__(self, "std", std)
 
@@ -93,12 +102,15 @@ class Normalization:
         mean, std = tensors if tensors is not None else self.tensors(images.device)
         return images.to(torch.float32).div_(255).sub_(mean).div_(std)
 
+
 LAB_NORMALIZATION = Normalization(LAB_MEAN, LAB_STD)
+
 
 @dataclass
 class Trained:
     """A trained :class:`LabCNN` with the normalization it must be used with; ``config`` and
     ``history`` (one dict per epoch) when known, ``note`` where the normalization came from."""
+
     model: LabCNN
     normalization: Normalization
     config: object = None
@@ -106,23 +118,33 @@ class Trained:
     note: str = ""
 
     @property
-    def epoch(self) -> int:  # completed epochs (0 when unknown)
+    def epoch(self) -> int:
+        """Completed epochs (0 when unknown)."""
         return len(self.history)
+
 
 def summary(model: nn.Module, depth: int = 2):
     """torchinfo's per-layer table for one ``[1, 3, 32, 32]`` input (``str`` it to print), made
     on a CPU copy: torchinfo would move the model to CUDA and switch it to eval mode."""
     import torchinfo
 
-    stats = torchinfo.summary(copy.deepcopy(model).cpu(), input_size=INPUT_SIZE, device="cpu",
-                              depth=depth, col_names=("output_size", "num_params"),
-                              row_settings=("var_names",), verbose=0)
+    stats = torchinfo.summary(
+        copy.deepcopy(model).cpu(),
+        input_size=INPUT_SIZE,
+        device="cpu",
+        depth=depth,
+        col_names=("output_size", "num_params"),
+        row_settings=("var_names",),
+        verbose=0,
+    )
     stats.formatting.macs_units = torchinfo.Units.NONE  # the exact count of multiply-adds
     return stats
+
 
 def output_size(size: int, kernel: int, stride: int = 1, padding: int = 0) -> int:
     """``floor((size + 2 * padding - kernel) / stride) + 1`` pixels (``nn.Conv2d``'s docs)."""
     return (size + 2 * padding - kernel) // stride + 1
+
 
 def size_chain(size: int = INPUT_SIZE[-1]) -> list[tuple[str, int, int]]:
     """``(layer, channels, side)`` after each convolution and pooling, by :func:`output_size`."""
@@ -134,16 +156,20 @@ def size_chain(size: int = INPUT_SIZE[-1]) -> list[tuple[str, int, int]]:
         rows.append((f"pool{i}", channels, size))
     return rows
 
+
 # A filter whose weights' L2 norm is below this outputs (almost) a constant: it has collapsed.
 COLLAPSE_NORM = 1e-2
 
+
 def filter_norms(weight: torch.Tensor) -> torch.Tensor:
     """L2 norm of each filter of a ``[C_out, C_in, k, k]`` weight: float32 ``[C_out]`` on the CPU.
-    Raises ValueError unless ``weight`` is 4-D."""
+    Raises ConfigError unless ``weight`` is 4-D."""
     if weight.dim() != 4:
-        raise ValueError(f"expected a convolution weight [C_out, C_in, k, k], got "
-                         f"{tuple(weight.shape)}")
+        raise ConfigError(
+            f"expected a convolution weight [C_out, C_in, k, k], got {tuple(weight.shape)}"
+        )
     return weight.detach().float().cpu().flatten(1).norm(dim=1)
+
 
 def collapsed_filters(model: LabCNN, threshold: float = COLLAPSE_NORM) -> dict:
     """``{conv: (filters with an L2 norm below threshold, filters)}`` for conv1 to conv3."""

@@ -4,6 +4,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))  # tests/synthetic.py
+sys.path.insert(1, str(Path(__file__).parents[1]))  # benchmarks/
 
 from synthetic import make_dataset  # noqa: E402
 
@@ -40,7 +41,12 @@ REAL_TRAIN_PER_CLASS = 300  # a quick real epoch, still far above chance
 def real_copy():
     """The real copy's whole test split and its first 300 training images per class, extracted
     once per session (into memory where /dev/shm is); skipped where ../shared lacks the copy."""
-    import gzip, io, os, shutil, tarfile, tempfile  # noqa: E401
+    import gzip  # noqa: E401
+    import io
+    import os
+    import shutil
+    import tarfile
+    import tempfile
 
     if not SHARED.is_file():
         pytest.skip(f"no real CIFAR-10 copy at {SHARED}")

@@ -1,4 +1,5 @@
 """Helpers shared by the test modules: one home for each."""
+
 from __future__ import annotations
 
 import os
@@ -10,7 +11,7 @@ from functools import partial
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-from labcnn.train import TIME_FIELDS
+from labcnn.harness import TIME_FIELDS
 
 REPO = Path(__file__).resolve().parents[1]
 # Subprocesses: the checkout's package, one thread (tiny models train faster), no progress bars.
@@ -29,8 +30,14 @@ def without_times(history: list[dict]) -> list[dict]:
 
 def run_cli(*args, env=None, cwd=None, timeout=300) -> subprocess.CompletedProcess:
     """``python -m labcnn ARGS`` in a subprocess, with text output captured."""
-    return subprocess.run([sys.executable, "-m", "labcnn", *map(str, args)], capture_output=True, text=True,
-                          env={**ENV, **(env or {})}, cwd=cwd, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "labcnn", *map(str, args)],
+        capture_output=True,
+        text=True,
+        env={**ENV, **(env or {})},
+        cwd=cwd,
+        timeout=timeout,
+    )
 
 
 def without_root_override(command: list[str]) -> list[str]:
@@ -45,8 +52,14 @@ def without_root_override(command: list[str]) -> list[str]:
         return command
     setpriv = shutil.which("setpriv")
     if setpriv is None:
-        pytest.skip("running as root, which ignores permission bits, and util-linux setpriv (to drop that) is missing")
-    drop = [setpriv, "--inh-caps=-dac_override,-dac_read_search", "--bounding-set=-dac_override,-dac_read_search"]
+        pytest.skip(
+            "running as root, which ignores permission bits, and util-linux setpriv (to drop that) is missing"
+        )
+    drop = [
+        setpriv,
+        "--inh-caps=-dac_override,-dac_read_search",
+        "--bounding-set=-dac_override,-dac_read_search",
+    ]
     probe = subprocess.run([*drop, "true"], capture_output=True, text=True)
     if probe.returncode != 0:
         pytest.skip(f"setpriv cannot drop root's permission override here: {probe.stderr.strip()}")

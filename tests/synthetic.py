@@ -3,6 +3,7 @@
 The images are learnable: each class has its own coarse colour template, plus noise, so a
 network beats chance within an epoch or two. Nothing here comes from the real data.
 """
+
 from __future__ import annotations
 
 import pickle
@@ -45,7 +46,11 @@ def write_batches(folder: Path, train, test, bytes_keys: bool = False) -> Path:
     for i, index in enumerate(torch.arange(len(train[1])).chunk(5), start=1):
         pickle_batch(folder / f"data_batch_{i}", train[0][index], train[1][index], bytes_keys)
     pickle_batch(folder / "test_batch", *test, bytes_keys)
-    meta = {"label_names": list(CLASSES), "num_cases_per_batch": len(train[1]) // 5, "num_vis": 3072}
+    meta = {
+        "label_names": list(CLASSES),
+        "num_cases_per_batch": len(train[1]) // 5,
+        "num_vis": 3072,
+    }
     (folder / "batches.meta").write_bytes(pickle.dumps(meta, protocol=2))
     return folder
 
@@ -80,7 +85,9 @@ def write_png(image, path: Path) -> None:
     Image.fromarray(image.permute(1, 2, 0).numpy()).save(path)
 
 
-def make_dataset(root: Path, layout: str, train_per_class: int = 20, test_per_class: int = 5, seed: int = 0):
+def make_dataset(
+    root: Path, layout: str, train_per_class: int = 20, test_per_class: int = 5, seed: int = 0
+):
     """Write a synthetic data set in ``layout`` (``"batches"``, ``"archive"`` or ``"tree"``) under ``root``.
 
     Returns ``(train, test)``, each ``(images, labels)`` as written, in label order.
@@ -123,4 +130,4 @@ def corrupt(blob: bytes, rng: random.Random) -> bytes:
 def assert_well_formed(images, labels):
     assert images.dtype == torch.uint8 and images.shape[1:] == (3, 32, 32)
     assert labels.dtype == torch.int64 and labels.shape == (len(images),)
-    assert len(labels) and 0 <= labels.min() and labels.max() < 10
+    assert len(labels) and labels.min() >= 0 and labels.max() < 10

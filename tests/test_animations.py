@@ -1,4 +1,5 @@
 """labcnn.animations: the two GIFs, their display as image/gif outputs, refreshing a notebook's."""
+
 import base64
 import json
 from pathlib import Path
@@ -13,7 +14,7 @@ import torch.nn.functional as F
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook, new_output
 from PIL import Image
 
-from labcnn import WriteError
+from labcnn import LabcnnError, WriteError
 from labcnn import animations as A
 from labcnn import model as M
 
@@ -22,8 +23,14 @@ NOTEBOOK = REPO / "notebooks" / "lab1_cnn_cifar10.ipynb"
 STEPS = {"convolution": A.conv_steps, "maxpool": A.pool_steps}
 REFRESH = "python -m labcnn gifs --out Images --notebook notebooks/lab1_cnn_cifar10.ipynb"
 # What matplotlib-inline and a student's style may change; the GIFs must not change with it.
-NOTEBOOK_STYLE = {"figure.facecolor": (1, 1, 1, 0), "font.size": 10, "font.family": "serif",
-                  "patch.linewidth": 3, "text.color": "green", "figure.dpi": 72}
+NOTEBOOK_STYLE = {
+    "figure.facecolor": (1, 1, 1, 0),
+    "font.size": 10,
+    "font.family": "serif",
+    "patch.linewidth": 3,
+    "text.color": "green",
+    "figure.dpi": 72,
+}
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +55,7 @@ def frames(path) -> list[tuple[int, np.ndarray]]:
 def near(image: np.ndarray, color) -> np.ndarray:
     """bool [H, W]: pixels within 12 of ``color`` (a "#rrggbb" string or an RGB tuple)."""
     if isinstance(color, str):
-        color = [int(color[i:i + 2], 16) for i in (1, 3, 5)]
+        color = [int(color[i : i + 2], 16) for i in (1, 3, 5)]
     return np.abs(image.astype(int) - np.array(color)).max(axis=2) <= 12
 
 
@@ -56,7 +63,11 @@ def test_layer_settings_are_the_models():
     block = M.LabCNN().conv1
     conv, pool = block[0], block[3]
     assert (A.KERNEL_SIZE, A.STRIDE, A.PADDING, A.POOL_SIZE) == (
-        M.KERNEL_SIZE, M.STRIDE, M.PADDING, M.POOL_SIZE)
+        M.KERNEL_SIZE,
+        M.STRIDE,
+        M.PADDING,
+        M.POOL_SIZE,
+    )
     assert conv.kernel_size == (A.KERNEL_SIZE,) * 2 == tuple(A.CONV_KERNEL.shape)
     assert conv.stride == (A.STRIDE,) * 2 and conv.padding == (A.PADDING,) * 2
     assert pool.kernel_size == pool.stride == A.POOL_SIZE
@@ -69,8 +80,9 @@ def test_examples_are_small_integers():
 
 
 def test_conv_steps_match_conv2d():
-    expected = F.conv2d(A.CONV_INPUT[None, None], A.CONV_KERNEL[None, None], stride=1,
-                        padding=1)[0, 0]
+    expected = F.conv2d(A.CONV_INPUT[None, None], A.CONV_KERNEL[None, None], stride=1, padding=1)[
+        0, 0
+    ]
     side = M.output_size(4, 2, stride=1, padding=1)
     assert side == 5 and expected.shape == A.conv_output().shape == (side, side)
     assert A.conv_output().dtype == torch.float32 and torch.equal(A.conv_output(), expected)
@@ -80,7 +92,7 @@ def test_conv_steps_match_conv2d():
     for s in steps:
         (r, c), (wr, wc) = s.out, s.window
         assert (wr, wc) == (r, c)  # stride 1: the window's corner in the padded grid = output cell
-        assert torch.equal(s.values, padded[wr:wr + 2, wc:wc + 2])
+        assert torch.equal(s.values, padded[wr : wr + 2, wc : wc + 2])
         assert s.result == expected[r, c].item() == (s.values * A.CONV_KERNEL).sum().item()
 
 
@@ -91,10 +103,14 @@ def test_pool_steps_match_max_pool2d_and_floor():
     assert torch.equal(A.pool_output(), expected)
     steps = A.pool_steps()
     assert [(s.out, s.window) for s in steps] == [
-        ((0, 0), (0, 0)), ((0, 1), (0, 2)), ((1, 0), (2, 0)), ((1, 1), (2, 2))]
+        ((0, 0), (0, 0)),
+        ((0, 1), (0, 2)),
+        ((1, 0), (2, 0)),
+        ((1, 1), (2, 2)),
+    ]
     for s in steps:
         wr, wc = s.window
-        assert torch.equal(s.values, A.POOL_INPUT[wr:wr + 2, wc:wc + 2])
+        assert torch.equal(s.values, A.POOL_INPUT[wr : wr + 2, wc : wc + 2])
         assert s.result == expected[s.out].item() == s.values.max().item()
 
 
@@ -133,10 +149,11 @@ def test_convolution_gif_slides_the_window_row_by_row(gif_dir):
         corners.append((rows.min(), cols.min()))
         assert near(image, A.YELLOW).any()  # the output cell being computed
     assert not near(images[-1], (255, 0, 0)).any() and not near(images[-1], A.YELLOW).any()
-    grid = [corners[i:i + 5] for i in range(0, 25, 5)]
+    grid = [corners[i : i + 5] for i in range(0, 25, 5)]
     for row in grid:
         assert len({top for top, _ in row}) == 1 and [left for _, left in row] == sorted(
-            {left for _, left in row})
+            {left for _, left in row}
+        )
     assert [row[0][0] for row in grid] == sorted({row[0][0] for row in grid})
 
 
@@ -176,13 +193,17 @@ def test_make_gifs_reproduces_the_committed_gifs(gif_dir):
     for name in STEPS:
         committed = (REPO / "Images" / f"{name}.gif").read_bytes()
         assert (gif_dir / f"{name}.gif").read_bytes() == committed, (
-            f"Images/{name}.gif is stale: run `{REFRESH}`")
+            f"Images/{name}.gif is stale: run `{REFRESH}`"
+        )
 
 
 def test_committed_notebook_shows_the_committed_gifs(tmp_path):
     cells = json.loads(NOTEBOOK.read_text())["cells"]
-    calls = {i: A.SHOW_GIF_CALL.findall("".join(cell["source"])) for i, cell in enumerate(cells)
-             if cell["cell_type"] == "code"}
+    calls = {
+        i: A.SHOW_GIF_CALL.findall("".join(cell["source"]))
+        for i, cell in enumerate(cells)
+        if cell["cell_type"] == "code"
+    }
     calls = {i: names for i, names in calls.items() if names}
     assert sorted(sum(calls.values(), [])) == sorted(STEPS)
     for i in calls:  # nbval compares a run cell's image/gif output; a cell not run shows nothing
@@ -195,24 +216,43 @@ def test_committed_notebook_shows_the_committed_gifs(tmp_path):
 
 
 def gif_output(data: str):
-    return new_output("display_data", data={"image/gif": data,
-                                            "text/plain": "<IPython.core.display.Image object>"})
+    return new_output(
+        "display_data",
+        data={"image/gif": data, "text/plain": "<IPython.core.display.Image object>"},
+    )
 
 
 @pytest.fixture
 def notebook(tmp_path):
     """A small notebook: two run cells showing GIFs, one not run, and cells to leave alone."""
-    nb = new_notebook(cells=[
-        new_markdown_cell("# Faltung und Pooling \u2014 f\u00fcr alle"),
-        new_code_cell('from labcnn.animations import show_gif\nshow_gif("convolution")',
-                      execution_count=1, outputs=[gif_output("R0lGODlhAQ==")]),
-        new_code_cell("print('pooling')\nanimations.show_gif('maxpool')  # 2x2", execution_count=2,
-                      outputs=[new_output("stream", name="stdout", text="pooling\n"),
-                               gif_output("R0lGODlhAg==")]),
-        new_code_cell('show_gif("convolution")', execution_count=None),
-        new_code_cell("import matplotlib", execution_count=3, outputs=[new_output(
-            "display_data", data={"image/png": "iVBORw0KGgo=", "text/plain": "<Figure>"})]),
-    ])
+    nb = new_notebook(
+        cells=[
+            new_markdown_cell("# Faltung und Pooling \u2014 f\u00fcr alle"),
+            new_code_cell(
+                'from labcnn.animations import show_gif\nshow_gif("convolution")',
+                execution_count=1,
+                outputs=[gif_output("R0lGODlhAQ==")],
+            ),
+            new_code_cell(
+                "print('pooling')\nanimations.show_gif('maxpool')  # 2x2",
+                execution_count=2,
+                outputs=[
+                    new_output("stream", name="stdout", text="pooling\n"),
+                    gif_output("R0lGODlhAg=="),
+                ],
+            ),
+            new_code_cell('show_gif("convolution")', execution_count=None),
+            new_code_cell(
+                "import matplotlib",
+                execution_count=3,
+                outputs=[
+                    new_output(
+                        "display_data", data={"image/png": "iVBORw0KGgo=", "text/plain": "<Figure>"}
+                    )
+                ],
+            ),
+        ]
+    )
     nb.metadata["kernelspec"] = dict(name="python3", display_name="Python 3", language="python")
     path = tmp_path / "report.ipynb"
     nbformat.write(nb, path)
@@ -251,33 +291,46 @@ def test_refresh_notebook_sets_only_the_gif_outputs_then_is_a_no_op(notebook, gi
 
 def test_refresh_notebook_fills_the_nth_gif_output_with_the_nth_call(tmp_path, gif_dir):
     path = tmp_path / "both.ipynb"
-    nbformat.write(new_notebook(cells=[new_code_cell(
-        "show_gif('maxpool')\nshow_gif('convolution')", execution_count=1,
-        outputs=[gif_output("AA=="), gif_output("AA==")])]), path)
+    nbformat.write(
+        new_notebook(
+            cells=[
+                new_code_cell(
+                    "show_gif('maxpool')\nshow_gif('convolution')",
+                    execution_count=1,
+                    outputs=[gif_output("AA=="), gif_output("AA==")],
+                )
+            ]
+        ),
+        path,
+    )
     assert A.refresh_notebook(path, [gif_dir / "convolution.gif", gif_dir / "maxpool.gif"])
     outputs = json.loads(path.read_text())["cells"][0]["outputs"]
     assert [base64.b64decode(o["data"]["image/gif"]) for o in outputs] == [
-        (gif_dir / f"{name}.gif").read_bytes() for name in ("maxpool", "convolution")]
+        (gif_dir / f"{name}.gif").read_bytes() for name in ("maxpool", "convolution")
+    ]
 
 
 def test_refresh_notebook_refuses_a_notebook_showing_no_gif(notebook, tmp_path, gif_dir):
     stray = tmp_path / "stray.gif"
     stray.write_bytes(b"GIF89a")
     text = notebook.read_text()
-    with pytest.raises(ValueError, match=r"report\.ipynb: no code cell shows a GIF.*: stray$"):
+    with pytest.raises(LabcnnError, match=r"report\.ipynb: no code cell shows a GIF.*: stray$"):
         A.refresh_notebook(notebook, [stray])
     assert notebook.read_text() == text
     bare = tmp_path / "bare.ipynb"
     nbformat.write(new_notebook(cells=[new_markdown_cell('show_gif("maxpool")')]), bare)
-    with pytest.raises(ValueError, match=r"bare\.ipynb: no code cell shows a GIF"):
+    with pytest.raises(LabcnnError, match=r"bare\.ipynb: no code cell shows a GIF"):
         A.refresh_notebook(bare, [gif_dir / "maxpool.gif"])
 
 
 def test_refresh_notebook_names_what_it_cannot_read(notebook, tmp_path, gif_dir):
-    for name, content in (("broken.ipynb", b'{"cells": ['), ("other.json", b'{"data": 1}'),
-                          ("picture.ipynb", (gif_dir / "maxpool.gif").read_bytes())):
+    for name, content in (
+        ("broken.ipynb", b'{"cells": ['),
+        ("other.json", b'{"data": 1}'),
+        ("picture.ipynb", (gif_dir / "maxpool.gif").read_bytes()),
+    ):
         (tmp_path / name).write_bytes(content)
-        with pytest.raises(ValueError, match=f"{name} is not a Jupyter notebook"):
+        with pytest.raises(LabcnnError, match=f"{name} is not a Jupyter notebook"):
             A.refresh_notebook(tmp_path / name, [gif_dir / "maxpool.gif"])
     with pytest.raises(FileNotFoundError, match="missing.gif"):
         A.refresh_notebook(notebook, [tmp_path / "missing.gif"])

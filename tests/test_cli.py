@@ -1,5 +1,6 @@
 """The command line: a whole run, verify, every option's checks (one line, exit status 2, nothing
 written) and the one error boundary. In-process through ``labcnn.cli.main``."""
+
 import argparse
 import contextlib
 import io
@@ -11,16 +12,27 @@ import warnings
 import pytest
 import torch
 from helpers import QUICK
+from labcnn.device import select_device
+from labcnn.settings import RANGES
 
 from labcnn import checkpoint as K
 from labcnn import cli
 from labcnn.cli import main
-from labcnn.config import RANGES, select_device
 from labcnn.fileio import write_json
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-QUICK_ARGS = ["--epochs", str(QUICK["epochs"]), "--batch-size", str(QUICK["batch_size"]),
-              "--lr", str(QUICK["lr"]), "--subset", "100", "--device", "cpu"]
+QUICK_ARGS = [
+    "--epochs",
+    str(QUICK["epochs"]),
+    "--batch-size",
+    str(QUICK["batch_size"]),
+    "--lr",
+    str(QUICK["lr"]),
+    "--subset",
+    "100",
+    "--device",
+    "cpu",
+]
 
 
 @pytest.fixture(autouse=True)
@@ -57,10 +69,22 @@ def test_train_then_evaluate(run, capsys):
     assert "data: 200 training and 50 test images" in printed
     assert "epoch 1/2  train loss" in printed and "epoch 2/2  train loss" in printed
     assert sorted(p.name for p in out.iterdir()) == [
-        ".lock", "accuracy.png", "checkpoint.pt", "history.json", "loss.png"]
+        ".lock",
+        "accuracy.png",
+        "checkpoint.pt",
+        "history.json",
+        "loss.png",
+    ]
     history = json.loads((out / "history.json").read_text())
-    assert len(history) == 2 and {"epoch", "train_loss", "train_acc", "test_loss", "test_acc",
-                                  "seconds", "elapsed_train_seconds"} <= set(history[0])
+    assert len(history) == 2 and {
+        "epoch",
+        "train_loss",
+        "train_acc",
+        "test_loss",
+        "test_acc",
+        "seconds",
+        "elapsed_train_seconds",
+    } <= set(history[0])
     assert f"final test accuracy {history[-1]['test_acc']:.2%}" in printed
 
     assert main(["train", "--data-dir", str(root), "--out", str(out), *QUICK_ARGS]) == 0
@@ -96,21 +120,35 @@ def test_user_errors_are_one_line_not_a_traceback(tmp_path, capsys):
     nb = tmp_path / "notes.ipynb"
     nb.write_text("not json")
     for args, message in [
-        (["train", "--data-dir", tmp_path, "--out", tmp_path / "run"],
-         f"error: no CIFAR-10 data found in {tmp_path}"),
-        (["evaluate", "--data-dir", tmp_path, "--checkpoint", tmp_path / "none.pt"],
-         f"error: no checkpoint at {tmp_path}/none.pt"),
-        (["evaluate", "--checkpoint", tmp_path / "none.pt", "--mean", "0.5", "0.5", "0.5"],
-         "error: --mean and --std go together"),
-        (["verify", tmp_path / "none", "--data-dir", tmp_path],
-         f"error: no checkpoint at {tmp_path}/none"),
+        (
+            ["train", "--data-dir", tmp_path, "--out", tmp_path / "run"],
+            f"error: no CIFAR-10 data found in {tmp_path}",
+        ),
+        (
+            ["evaluate", "--data-dir", tmp_path, "--checkpoint", tmp_path / "none.pt"],
+            f"error: no checkpoint at {tmp_path}/none.pt",
+        ),
+        (
+            ["evaluate", "--checkpoint", tmp_path / "none.pt", "--mean", "0.5", "0.5", "0.5"],
+            "error: --mean and --std go together",
+        ),
+        (
+            ["verify", tmp_path / "none", "--data-dir", tmp_path],
+            f"error: no checkpoint at {tmp_path}/none",
+        ),
         (["filters", tmp_path / "none.pt"], f"error: no checkpoint at {tmp_path}/none.pt"),
-        (["train", "--out", "x", "--epochs", "0"],
-         "error: python -m labcnn train: argument --epochs: expected an integer >= 1, got '0'"),
-        (["train", "--out", "x", "--epochs", "a: b"],
-         "error: python -m labcnn train: argument --epochs: expected an integer >= 1, got 'a: b'"),
-        (["train", "--out", "x", "--amp", "native"],
-         "error: python -m labcnn train: argument --amp: invalid choice: 'native'"),
+        (
+            ["train", "--out", "x", "--epochs", "0"],
+            "error: python -m labcnn train: argument --epochs: expected an integer >= 1, got '0'",
+        ),
+        (
+            ["train", "--out", "x", "--epochs", "a: b"],
+            "error: python -m labcnn train: argument --epochs: expected an integer >= 1, got 'a: b'",
+        ),
+        (
+            ["train", "--out", "x", "--amp", "native"],
+            "error: python -m labcnn train: argument --amp: invalid choice: 'native'",
+        ),
         (["bench", "--rounds", "0"], "error: python -m labcnn bench: argument --rounds: expected"),
         (["train"], "error: python -m labcnn train: the following arguments are required: --out"),
         (["frobnicate"], "error: python -m labcnn: argument command: invalid choice"),
@@ -144,10 +182,17 @@ def exists(name: str) -> bool:
 def test_bad_device_is_one_line_before_any_data_or_folder(tmp_path, capsys, name, command):
     if exists(name):
         pytest.skip(f"{name} exists on this machine")
-    args = {"train": ["train", "--data-dir", tmp_path / "no-data", "--out", tmp_path / "run"],
-            "evaluate": ["evaluate", "--data-dir", tmp_path / "no-data",
-                         "--checkpoint", tmp_path / "no.pt"],
-            "bench": ["bench", "--data-dir", tmp_path / "no-data"]}[command]
+    args = {
+        "train": ["train", "--data-dir", tmp_path / "no-data", "--out", tmp_path / "run"],
+        "evaluate": [
+            "evaluate",
+            "--data-dir",
+            tmp_path / "no-data",
+            "--checkpoint",
+            tmp_path / "no.pt",
+        ],
+        "bench": ["bench", "--data-dir", tmp_path / "no-data"],
+    }[command]
     assert status([*args, "--device", name]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"error: {BAD_DEVICES[name]}") and err.count("\n") == 1  # not the data's
@@ -166,15 +211,21 @@ BAD_NUMBERS = {
 }
 
 
-@pytest.mark.parametrize("option, value",
-                         [(o, v) for o, values in BAD_NUMBERS.items() for v in values])
-def test_out_of_range_numbers_are_refused_before_anything_is_written(tmp_path, capsys, option,
-                                                                     value):
+@pytest.mark.parametrize(
+    "option, value", [(o, v) for o, values in BAD_NUMBERS.items() for v in values]
+)
+def test_out_of_range_numbers_are_refused_before_anything_is_written(
+    tmp_path, capsys, option, value
+):
     assert status(["train", "--data-dir", tmp_path, "--out", tmp_path / "run", option, value]) == 2
     expected = RANGES[option[2:].replace("-", "_")].expected()  # the one range table
     err = capsys.readouterr().err
-    assert err.startswith(f"error: python -m labcnn train: argument {option}: expected {expected}, "
-                          f"got {value!r}") and err.count("\n") == 1
+    assert (
+        err.startswith(
+            f"error: python -m labcnn train: argument {option}: expected {expected}, got {value!r}"
+        )
+        and err.count("\n") == 1
+    )
     assert list(tmp_path.iterdir()) == []
 
 
@@ -185,15 +236,33 @@ def test_bench_sizes_are_refused_through_the_range_table(capsys, option):
     assert f"argument {option}: expected {expected}, got '0'" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("option, value, message", [
-    ("--subset", "100000", "subset size 100000 must be between 1 and 200"),
-    ("--val-size", "200", "val_size 200 must be smaller than the 200 training images"),
-])
-def test_sizes_too_large_for_the_data_leave_no_run_folder(tree_data, tmp_path, capsys, option,
-                                                          value, message):
+@pytest.mark.parametrize(
+    "option, value, message",
+    [
+        ("--subset", "100000", "subset size 100000 must be between 1 and 200"),
+        ("--val-size", "200", "val_size 200 must be smaller than the 200 training images"),
+    ],
+)
+def test_sizes_too_large_for_the_data_leave_no_run_folder(
+    tree_data, tmp_path, capsys, option, value, message
+):
     root, _, _ = tree_data
-    assert main(["train", "--data-dir", str(root), "--out", str(tmp_path / "run"), option, value,
-                 "--device", "cpu"]) == 2
+    assert (
+        main(
+            [
+                "train",
+                "--data-dir",
+                str(root),
+                "--out",
+                str(tmp_path / "run"),
+                option,
+                value,
+                "--device",
+                "cpu",
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert err.startswith(f"error: {message}") and err.count("\n") == 1
     assert not (tmp_path / "run").exists()
@@ -213,17 +282,29 @@ def test_every_path_option_expands_the_home_folder(monkeypatch, tmp_path):
             expected = tmp_path / action.dest
             assert value == ([expected] if action.nargs == "+" else expected)
             seen.add(f"{name} {action.dest}")
-    assert seen == {"train data_dir", "train out", "evaluate data_dir", "evaluate checkpoint",
-                    "verify run", "verify data_dir", "verify notebook", "filters checkpoints",
-                    "filters json", "gifs out", "gifs notebook", "bench data_dir"}
+    assert seen == {
+        "train data_dir",
+        "train out",
+        "evaluate data_dir",
+        "evaluate checkpoint",
+        "verify run",
+        "verify data_dir",
+        "verify notebook",
+        "filters checkpoints",
+        "filters json",
+        "gifs out",
+        "gifs notebook",
+        "bench data_dir",
+    }
 
 
 class Captured(Exception):
     """Raised by a stand-in, carrying what the command line passed it."""
 
 
-def test_every_command_reads_and_writes_where_the_home_folder_is(run, tmp_path, monkeypatch,
-                                                                capsys):
+def test_every_command_reads_and_writes_where_the_home_folder_is(
+    run, tmp_path, monkeypatch, capsys
+):
     """``~`` in --data-dir, --out, --checkpoint, RUN_DIR, filters, --json, gifs --out and
     --notebook, bench --data-dir: each reaches the files; no folder literally named ~."""
     root, out, _ = run
@@ -235,8 +316,24 @@ def test_every_command_reads_and_writes_where_the_home_folder_is(run, tmp_path, 
     monkeypatch.setenv("HOME", str(home))
     monkeypatch.chdir(cwd)
     monkeypatch.setattr("labcnn.animations.gif_bytes", lambda name: b"GIF89a" + name.encode())
-    assert main(["train", "--data-dir", "~/data", "--out", "~/runs/x", "--epochs", "1",
-                 "--subset", "50", "--device", "cpu"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--data-dir",
+                "~/data",
+                "--out",
+                "~/runs/x",
+                "--epochs",
+                "1",
+                "--subset",
+                "50",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     assert (home / "runs" / "x" / "checkpoint.pt").is_file()
     assert main(["evaluate", "--data-dir", "~/data", "--checkpoint", "~/runs/x/checkpoint.pt"]) == 0
     assert main(["verify", "~/run", "--data-dir", "~/data"]) == 0
@@ -248,7 +345,7 @@ def test_every_command_reads_and_writes_where_the_home_folder_is(run, tmp_path, 
     def fake_run(images, labels, *args, **kwargs):
         raise Captured(len(labels))
 
-    monkeypatch.setattr("labcnn.bench.run", fake_run)
+    monkeypatch.setattr("benchmarks.bench.run", fake_run)
     with pytest.raises(Captured) as caught:
         main(["bench", "--data-dir", "~/data", "--device", "cpu"])
     assert caught.value.args == (200,)
@@ -256,24 +353,55 @@ def test_every_command_reads_and_writes_where_the_home_folder_is(run, tmp_path, 
     assert list(cwd.iterdir()) == []  # no folder literally named ~
 
 
-@pytest.mark.parametrize("argv, expected", [
-    ([], dict(recipe="lab", amp="off", epochs=50, batch_size=100)),
-    (["--recipe", "improved"], dict(recipe="improved", amp="auto", label_smoothing=0.1)),
-    (["--recipe", "improved", "--amp", "off", "--label-smoothing", "0.2"],
-     dict(amp="off", label_smoothing=0.2, optimizer="sgd")),
-    (["--recipe", "fast", "--amp"], dict(recipe="fast", amp="auto")),
-    (["--amp", "--epochs", "3"], dict(recipe="lab", amp="auto", epochs=3)),  # the flag alone
-    (["--amp", "fp16"], dict(amp="fp16")),
-    (["--amp", "bf16", "--epochs", "3", "--batch-size", "7", "--lr", "0.5", "--weight-decay", "0",
-      "--seed", str(2**64 - 1), "--subset", "10", "--val-size", "2"],
-     dict(amp="bf16", epochs=3, batch_size=7, lr=0.5, weight_decay=0.0, seed=2**64 - 1, subset=10,
-          val_size=2)),  # the largest seed torch accepts
-])
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        ([], dict(recipe="lab", amp="off", epochs=50, batch_size=100)),
+        (["--recipe", "improved"], dict(recipe="improved", amp="auto", label_smoothing=0.1)),
+        (
+            ["--recipe", "improved", "--amp", "off", "--label-smoothing", "0.2"],
+            dict(amp="off", label_smoothing=0.2, optimizer="sgd"),
+        ),
+        (["--recipe", "fast", "--amp"], dict(recipe="fast", amp="auto")),
+        (["--amp", "--epochs", "3"], dict(recipe="lab", amp="auto", epochs=3)),  # the flag alone
+        (["--amp", "fp16"], dict(amp="fp16")),
+        (
+            [
+                "--amp",
+                "bf16",
+                "--epochs",
+                "3",
+                "--batch-size",
+                "7",
+                "--lr",
+                "0.5",
+                "--weight-decay",
+                "0",
+                "--seed",
+                str(2**64 - 1),
+                "--subset",
+                "10",
+                "--val-size",
+                "2",
+            ],
+            dict(
+                amp="bf16",
+                epochs=3,
+                batch_size=7,
+                lr=0.5,
+                weight_decay=0.0,
+                seed=2**64 - 1,
+                subset=10,
+                val_size=2,
+            ),
+        ),  # the largest seed torch accepts
+    ],
+)
 def test_train_options_reach_the_config(tree_data, tmp_path, monkeypatch, argv, expected):
     def fake_fit(config, *args, **kwargs):
         raise Captured(config)
 
-    monkeypatch.setattr("labcnn.train.fit", fake_fit)
+    monkeypatch.setattr("labcnn.harness.train", fake_fit)
     root, _, _ = tree_data
     with pytest.raises(Captured) as caught:
         main(["train", "--data-dir", str(root), "--out", str(tmp_path / "run"), *argv])
@@ -282,23 +410,33 @@ def test_train_options_reach_the_config(tree_data, tmp_path, monkeypatch, argv, 
 
 
 # --- the one error boundary ------------------------------------------------------------------
-@pytest.mark.parametrize("error, line", [
-    (PermissionError(13, "Permission denied", "/mnt/usb/data"),
-     "error: /mnt/usb/data: Permission denied"),
-    (OSError(5, "Input/output error"), "error: Input/output error"),
-    (urllib.error.URLError("timed out", "http://127.0.0.1:9/c.tar.gz"),
-     "error: http://127.0.0.1:9/c.tar.gz: <urlopen error timed out>"),
-])
+@pytest.mark.parametrize(
+    "error, line",
+    [
+        (
+            PermissionError(13, "Permission denied", "/mnt/usb/data"),
+            "error: /mnt/usb/data: Permission denied",
+        ),
+        (OSError(5, "Input/output error"), "error: Input/output error"),
+        (
+            urllib.error.URLError("timed out", "http://127.0.0.1:9/c.tar.gz"),
+            "error: http://127.0.0.1:9/c.tar.gz: <urlopen error timed out>",
+        ),
+    ],
+)
 @pytest.mark.parametrize("command", ["train", "evaluate"])
-def test_any_os_error_is_one_error_line_naming_the_path(run, tmp_path, monkeypatch, capsys, error,
-                                                        line, command):
+def test_any_os_error_is_one_error_line_naming_the_path(
+    run, tmp_path, monkeypatch, capsys, error, line, command
+):
     def load(*args, **kwargs):
         raise error
 
     monkeypatch.setattr("labcnn.data.load_cifar10", load)
     _, out, _ = run
-    args = {"train": ["--out", tmp_path / "run"],
-            "evaluate": ["--checkpoint", out / "checkpoint.pt"]}
+    args = {
+        "train": ["--out", tmp_path / "run"],
+        "evaluate": ["--checkpoint", out / "checkpoint.pt"],
+    }
     assert status([command, "--data-dir", tmp_path, *args[command]]) == 2
     captured = capsys.readouterr()
     assert captured.err == f"{line}\n" and "Traceback" not in captured.out + captured.err
@@ -308,7 +446,7 @@ def test_a_warning_is_one_warning_line(run, monkeypatch, capsys):
     from labcnn.data import load_cifar10
 
     def load(*args, **kwargs):
-        warnings.warn("loading without checking MD5s (verify=False)", UserWarning)
+        warnings.warn("loading without checking MD5s (verify=False)", UserWarning, stacklevel=2)
         return load_cifar10(*args, **kwargs)
 
     monkeypatch.setattr("labcnn.data.load_cifar10", load)
@@ -349,15 +487,18 @@ def test_verify_confirms_an_untouched_run(run, tmp_path, capsys):
     accuracy = f"{history[-1]['test_acc']:.2%}"
     assert main(["verify", str(out), "--data-dir", str(root)]) == 0
     printed = capsys.readouterr().out
-    assert f"final test accuracy {accuracy} (recorded at epoch 2: {accuracy})" in printed
+    assert f"final test accuracy {accuracy}, recorded {accuracy} at epoch 2 (tolerance" in printed
+    assert "evaluated on cpu (1 thread), float32; recorded on cpu (1 thread), float32" in printed
     assert f"final test loss {history[-1]['test_loss']:.4f}" in printed
     assert "weights sha256 " in printed and printed.rstrip().endswith("verified")
     good = notebook(tmp_path / "good.ipynb", "Done.", f"final test accuracy {accuracy}")
     assert main(["verify", str(out), "--data-dir", str(root), "--notebook", str(good)]) == 0
     bad = notebook(tmp_path / "bad.ipynb", "final test accuracy 12.34%")
     assert status(["verify", out, "--data-dir", root, "--notebook", bad]) == 1
-    assert f"MISMATCH: {bad} prints final test accuracy ['12.34%'], the run has {accuracy}" in \
-        capsys.readouterr().out
+    assert (
+        f"MISMATCH: {bad} prints final test accuracy ['12.34%'], the run has {accuracy}"
+        in capsys.readouterr().out
+    )
     silent = notebook(tmp_path / "silent.ipynb", "nothing here")
     assert status(["verify", out, "--data-dir", root, "--notebook", silent]) == 1
     (tmp_path / "broken.ipynb").write_text("{")
@@ -399,4 +540,7 @@ def test_an_exported_state_dict_verifies_with_its_history_beside_it(run, tmp_pat
     write_json(tmp_path / "lab.json", edited)
     assert status(["verify", tmp_path / "lab.pt", "--data-dir", root]) == 1
     printed = capsys.readouterr().out
-    assert f"MISMATCH: {tmp_path}/lab.json differs from the history saved in {tmp_path}/lab.pt" in printed
+    assert (
+        f"MISMATCH: {tmp_path}/lab.json differs from the history saved in {tmp_path}/lab.pt"
+        in printed
+    )

@@ -1,5 +1,6 @@
 """labcnn.config: the one range table, recipes, LABCNN_* variables, device choice, CPU threads
 under quotas, CPU flags and mixed precision."""
+
 import math
 import os
 import shutil
@@ -10,10 +11,12 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import ENV
+from labcnn.settings import RANGES, RECIPES, make_config
 
 from labcnn import ConfigError, DeviceError
-from labcnn import config as C
-from labcnn.config import RANGES, RECIPES, make_config
+from labcnn import device as D
+from labcnn import notebook as N
+from labcnn import settings as S
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -34,20 +37,43 @@ def fake_files(monkeypatch, files: dict) -> None:
 
 
 # --- the range table -------------------------------------------------------------------------
-@pytest.mark.parametrize("key, text, value", [
-    ("epochs", " 3 ", 3), ("seed", str(2**64 - 1), 2**64 - 1), ("seed", "0", 0),
-    ("lr", "1e-3", 0.001), ("momentum", "0", 0.0), ("label_smoothing", "0.999", 0.999),
-    ("amp", "fp16", "fp16"), ("download", "OFF", False), ("verify", "Yes", True),
-])
+@pytest.mark.parametrize(
+    "key, text, value",
+    [
+        ("epochs", " 3 ", 3),
+        ("seed", str(2**64 - 1), 2**64 - 1),
+        ("seed", "0", 0),
+        ("lr", "1e-3", 0.001),
+        ("momentum", "0", 0.0),
+        ("label_smoothing", "0.999", 0.999),
+        ("amp", "fp16", "fp16"),
+        ("download", "OFF", False),
+        ("verify", "Yes", True),
+    ],
+)
 def test_range_table_reads_what_it_accepts(key, text, value):
     assert RANGES[key].parse("--x", text) == value
 
 
-@pytest.mark.parametrize("key, text", [
-    ("epochs", "0"), ("epochs", "1.5"), ("epochs", "abc"), ("seed", str(2**64)), ("seed", "-1"),
-    ("lr", "0"), ("lr", "nan"), ("lr", "inf"), ("weight_decay", "-1"), ("momentum", "1"),
-    ("label_smoothing", "1"), ("amp", "native"), ("download", "maybe"), ("subset", "0"),
-])
+@pytest.mark.parametrize(
+    "key, text",
+    [
+        ("epochs", "0"),
+        ("epochs", "1.5"),
+        ("epochs", "abc"),
+        ("seed", str(2**64)),
+        ("seed", "-1"),
+        ("lr", "0"),
+        ("lr", "nan"),
+        ("lr", "inf"),
+        ("weight_decay", "-1"),
+        ("momentum", "1"),
+        ("label_smoothing", "1"),
+        ("amp", "native"),
+        ("download", "maybe"),
+        ("subset", "0"),
+    ],
+)
 def test_range_table_refuses_naming_the_setting_and_what_it_expects(key, text):
     with pytest.raises(ConfigError) as info:
         RANGES[key].parse("NAME", text)
@@ -65,10 +91,19 @@ def test_expected_values_read_as_bounds():
 
 def test_config_checks_every_field_through_the_range_table():
     for field in ("epochs", "batch_size", "lr", "seed", "subset", "amp"):
-        bad = {"epochs": 0, "batch_size": True, "lr": math.nan, "seed": 2**64, "subset": 0,
-               "amp": "native"}[field]
-        with pytest.raises(ConfigError, match=rf"{field}={bad!r} \(expected "
-                           rf"{RANGES[field].expected()}\)"):
+        bad = {
+            "epochs": 0,
+            "batch_size": True,
+            "lr": math.nan,
+            "seed": 2**64,
+            "subset": 0,
+            "amp": "native",
+        }[field]
+        with pytest.raises(
+            ConfigError,
+            match=rf"{field}={bad!r} \(expected "
+            rf"{RANGES[field].expected()}\)",
+        ):
             make_config(**{field: bad})
     assert make_config(seed=2**64 - 1).seed == 2**64 - 1  # the largest seed torch accepts
     for name, value in (("mean", (0.5, 0.5)), ("std", (0.2, 0.0, 0.2)), ("std", "abc")):
@@ -79,7 +114,13 @@ def test_config_checks_every_field_through_the_range_table():
 def test_recipes():
     lab = make_config()
     assert (lab.epochs, lab.batch_size, lab.optimizer, lab.lr, lab.weight_decay, lab.seed) == (
-        50, 100, "adam", 0.01, 0.001, 0)
+        50,
+        100,
+        "adam",
+        0.01,
+        0.001,
+        0,
+    )
     assert lab.mean == (0.4914, 0.4822, 0.4465) and lab.std == (0.2023, 0.1994, 0.2010)
     assert lab.amp == "off"  # the graded run reproduces exactly
     assert set(RECIPES) == {"lab", "improved", "fast"}
@@ -93,7 +134,7 @@ def test_recipes():
 
 
 def test_applied_settings_leave_out_what_does_not_act():
-    lab, improved = C.applied_settings(make_config()), C.applied_settings(make_config("improved"))
+    lab, improved = S.applied_settings(make_config()), S.applied_settings(make_config("improved"))
     assert not {"momentum", "val_size", "subset"} & set(lab)
     assert lab["mean"] == (0.4914, 0.4822, 0.4465)
     assert (improved["momentum"], improved["val_size"]) == (0.9, 5000) and "mean" not in improved
@@ -101,40 +142,56 @@ def test_applied_settings_leave_out_what_does_not_act():
 
 def test_saved_configs_of_earlier_versions_read_or_are_refused_in_one_line():
     config = make_config("improved", epochs=3)
-    assert C.config_from_dict(C.config_dict(config)) == config
-    saved = {**C.config_dict(make_config()), "amp": True, "cutout": 0, "ema": 0.0, "whiten": False}
-    assert C.config_from_dict(saved).amp == "auto"  # a flag in the first checkpoints
-    assert C.config_from_dict({**saved, "amp": "native"}).amp == "auto"
+    assert S.config_from_dict(S.config_dict(config)) == config
+    saved = {**S.config_dict(make_config()), "amp": True, "cutout": 0, "ema": 0.0, "whiten": False}
+    assert S.config_from_dict(saved).amp == "auto"  # a flag in the first checkpoints
+    assert S.config_from_dict({**saved, "amp": "native"}).amp == "auto"
     with pytest.raises(ConfigError, match="uses cutout, which this labcnn no longer has"):
-        C.config_from_dict({**saved, "cutout": 8})
+        S.config_from_dict({**saved, "cutout": 8})
     with pytest.raises(ConfigError, match=r"\(warmup\): it comes from a newer labcnn; update"):
-        C.config_from_dict({**saved, "warmup": 5})
+        S.config_from_dict({**saved, "warmup": 5})
 
 
 # --- the notebook's LABCNN_* variables -------------------------------------------------------
 @pytest.fixture
 def settings(monkeypatch):
     """``notebook_settings(env=...)`` without changing this process's threads."""
-    monkeypatch.setattr(C, "set_threads", lambda threads=None: torch.get_num_threads())
-    return lambda env, **kwargs: C.notebook_settings(env=env, **kwargs)
+    monkeypatch.setattr(N, "set_threads", lambda threads=None: torch.get_num_threads())
+    return lambda env, **kwargs: N.notebook_settings(env=env, **kwargs)
 
 
 def test_empty_variables_mean_unset(settings):
-    names = ("EPOCHS", "SUBSET", "DATA_DIR", "DOWNLOAD", "DEVICE", "RUNS_DIR", "CIFAR10_URL",
-             "VERIFY")
+    names = (
+        "EPOCHS",
+        "SUBSET",
+        "DATA_DIR",
+        "DOWNLOAD",
+        "DEVICE",
+        "RUNS_DIR",
+        "CIFAR10_URL",
+        "VERIFY",
+    )
     empty = settings({f"LABCNN_{name}": " " * (i % 2) for i, name in enumerate(names)})
     assert empty == settings({})
     assert (empty.config, empty.download, empty.verify) == (make_config(), True, True)
     assert empty.url is None
     assert empty.data_dir.name == "data" and empty.data_dir.is_absolute()
-    assert empty.run_dir.parts[-2:] == ("runs", "lab") and empty.device == C.select_device("auto")
+    assert empty.run_dir.parts[-2:] == ("runs", "lab") and empty.device == D.select_device("auto")
 
 
 def test_variables_override_the_notebook(settings, tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path))
-    s = settings({"LABCNN_EPOCHS": "1", "LABCNN_SUBSET": "300", "LABCNN_DATA_DIR": "~/d",
-                  "LABCNN_RUNS_DIR": str(tmp_path / "r"), "LABCNN_DEVICE": "cpu",
-                  "LABCNN_CIFAR10_URL": "http://127.0.0.1:1/c.tar.gz"}, epochs=5)
+    s = settings(
+        {
+            "LABCNN_EPOCHS": "1",
+            "LABCNN_SUBSET": "300",
+            "LABCNN_DATA_DIR": "~/d",
+            "LABCNN_RUNS_DIR": str(tmp_path / "r"),
+            "LABCNN_DEVICE": "cpu",
+            "LABCNN_CIFAR10_URL": "http://127.0.0.1:1/c.tar.gz",
+        },
+        epochs=5,
+    )
     assert (s.config.epochs, s.config.subset, s.device) == (1, 300, torch.device("cpu"))
     assert s.data_dir == tmp_path / "d" and s.run_dir == tmp_path / "r" / "lab-1ep-300img"
     assert s.url == "http://127.0.0.1:1/c.tar.gz" and s.images_dir is None
@@ -142,21 +199,33 @@ def test_variables_override_the_notebook(settings, tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("name", ["LABCNN_DOWNLOAD", "LABCNN_VERIFY"])
-@pytest.mark.parametrize("text, value", [
-    *((t, False) for t in ("0", "false", "no", "off", "n", "OFF", "N", "False", " No ")),
-    *((t, True) for t in ("1", "true", "yes", "on", "y", "ON", "Y", "TRUE", "Yes")),
-])
+@pytest.mark.parametrize(
+    "text, value",
+    [
+        *((t, False) for t in ("0", "false", "no", "off", "n", "OFF", "N", "False", " No ")),
+        *((t, True) for t in ("1", "true", "yes", "on", "y", "ON", "Y", "TRUE", "Yes")),
+    ],
+)
 def test_booleans_in_any_case(settings, name, text, value):
     s = settings({name: text}, download=not value)
     assert (s.download if name == "LABCNN_DOWNLOAD" else s.verify) is value
 
 
-@pytest.mark.parametrize("name, key, text", [
-    *((n, k, t) for n, k in (("LABCNN_EPOCHS", "epochs"), ("LABCNN_SUBSET", "subset"))
-      for t in ("abc", "2.5", "5k", "0", "-3", "1e3")),
-    *((n, k, t) for n, k in (("LABCNN_DOWNLOAD", "download"), ("LABCNN_VERIFY", "verify"))
-      for t in ("abc", "2", "maybe", "nein")),
-])
+@pytest.mark.parametrize(
+    "name, key, text",
+    [
+        *(
+            (n, k, t)
+            for n, k in (("LABCNN_EPOCHS", "epochs"), ("LABCNN_SUBSET", "subset"))
+            for t in ("abc", "2.5", "5k", "0", "-3", "1e3")
+        ),
+        *(
+            (n, k, t)
+            for n, k in (("LABCNN_DOWNLOAD", "download"), ("LABCNN_VERIFY", "verify"))
+            for t in ("abc", "2", "maybe", "nein")
+        ),
+    ],
+)
 def test_bad_values_name_the_variable_and_what_it_accepts(settings, name, key, text):
     with pytest.raises(ConfigError) as info:
         settings({name: text})
@@ -196,36 +265,42 @@ def test_bad_device_names(name):
     if name == "mps" and torch.backends.mps.is_available():
         pytest.skip("this machine has MPS")
     with pytest.raises(DeviceError) as info:
-        C.select_device(name)
+        D.select_device(name)
     assert str(info.value).startswith(BAD[name])
 
 
 def test_second_gpu_is_refused_on_a_one_gpu_machine(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
-    assert C.select_device("cuda:0") == torch.device("cuda:0")
-    assert C.select_device("cuda") == torch.device("cuda")
-    with pytest.raises(DeviceError, match=r"'cuda:1' is not available here \(1 CUDA GPU\(s\)\); "
-                                          r"available: cpu, cuda:0$"):
-        C.select_device("cuda:1")
+    assert D.select_device("cuda:0") == torch.device("cuda:0")
+    assert D.select_device("cuda") == torch.device("cuda")
+    with pytest.raises(
+        DeviceError,
+        match=r"'cuda:1' is not available here \(1 CUDA GPU\(s\)\); "
+        r"available: cpu, cuda:0$",
+    ):
+        D.select_device("cuda:1")
 
 
 def test_cuda_on_a_cpu_only_build_says_so(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(torch.version, "cuda", None)
-    with pytest.raises(DeviceError, match=r"'cuda' is not available here \(a CPU-only build of "
-                                          r"torch\); available: cpu"):
-        C.select_device("cuda")
+    with pytest.raises(
+        DeviceError,
+        match=r"'cuda' is not available here \(a CPU-only build of "
+        r"torch\); available: cpu",
+    ):
+        D.select_device("cuda")
 
 
 def test_auto_picks_a_device_that_exists(monkeypatch):
-    assert C.select_device(None) == C.select_device("auto") == C.select_device("")
-    assert C.select_device("cpu") == C.select_device(torch.device("cpu")) == torch.device("cpu")
+    assert D.select_device(None) == D.select_device("auto") == D.select_device("")
+    assert D.select_device("cpu") == D.select_device(torch.device("cpu")) == torch.device("cpu")
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert C.select_device("auto") == torch.device("cpu")
+    assert D.select_device("auto") == torch.device("cpu")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    assert C.select_device(None) == torch.device("cuda")
+    assert D.select_device(None) == torch.device("cuda")
 
 
 def fake_cuda(monkeypatch, native: bool) -> list:
@@ -245,67 +320,84 @@ def fake_cuda(monkeypatch, native: bool) -> list:
 def test_amp_on_cuda_uses_native_bf16_else_fp16(monkeypatch, native, dtype):
     calls = fake_cuda(monkeypatch, native)
     cuda = torch.device("cuda")
-    assert C.amp_dtype(cuda, "auto") == dtype and set(calls) == {False}  # never emulation
-    assert C.amp_dtype(cuda, "fp16") == torch.float16  # forced
-    assert C.amp_dtype(cuda, "bf16") == torch.bfloat16
-    assert C.amp_dtype(cuda, "off") is None
-    assert C.describe_device(cuda) == "cuda (Tesla T4)"
-    assert C.bf16_absence(cuda) == "cuda (Tesla T4) has no native bfloat16"
+    assert D.amp_dtype(cuda, "auto") == dtype and set(calls) == {False}  # never emulation
+    assert D.amp_dtype(cuda, "fp16") == torch.float16  # forced
+    assert D.amp_dtype(cuda, "bf16") == torch.bfloat16
+    assert D.amp_dtype(cuda, "off") is None
+    assert D.describe_device(cuda) == "cuda (Tesla T4)"
+    assert D.bf16_absence(cuda) == "cuda (Tesla T4) has no native bfloat16"
 
 
-@pytest.mark.parametrize("flags, native", [("fpu avx2 avx512f avx512_bf16", True),
-                                           ("fpu avx2 amx_bf16 amx_tile", True),
-                                           ("fpu avx2 avx512f", False)])
+@pytest.mark.parametrize(
+    "flags, native",
+    [
+        ("fpu avx2 avx512f avx512_bf16", True),
+        ("fpu avx2 amx_bf16 amx_tile", True),
+        ("fpu avx2 avx512f", False),
+    ],
+)
 def test_cpu_bf16_only_where_native(monkeypatch, flags, native):
-    fake_files(monkeypatch, {"/proc/cpuinfo": f"processor\t: 0\nmodel name\t: Some CPU\n"
-                                              f"flags\t\t: {flags}\n\nprocessor\t: 1\n"})
+    fake_files(
+        monkeypatch,
+        {
+            "/proc/cpuinfo": f"processor\t: 0\nmodel name\t: Some CPU\n"
+            f"flags\t\t: {flags}\n\nprocessor\t: 1\n"
+        },
+    )
     cpu = torch.device("cpu")
-    assert C.cpu_flags() == set(flags.split()) and C.cpu_name() == "Some CPU"
-    assert C.native_bf16(cpu) is native
-    assert C.amp_dtype(cpu, "auto") == (torch.bfloat16 if native else None)
-    assert C.amp_dtype(cpu, "bf16") == torch.bfloat16 and C.amp_dtype(cpu, "off") is None
-    assert "neither avx512_bf16 nor amx_bf16" in C.bf16_absence(cpu)
+    assert D.cpu_flags() == set(flags.split()) and D.cpu_name() == "Some CPU"
+    assert D.native_bf16(cpu) is native
+    assert D.amp_dtype(cpu, "auto") == (torch.bfloat16 if native else None)
+    assert D.amp_dtype(cpu, "bf16") == torch.bfloat16 and D.amp_dtype(cpu, "off") is None
+    assert "neither avx512_bf16 nor amx_bf16" in D.bf16_absence(cpu)
 
 
 def test_no_cpuinfo_means_no_flags(monkeypatch):
     fake_files(monkeypatch, {"/proc/cpuinfo": None})
-    assert C.cpu_flags() == set() and not C.native_bf16(torch.device("cpu")) and C.cpu_name()
+    assert D.cpu_flags() == set() and not D.native_bf16(torch.device("cpu")) and D.cpu_name()
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU here")
 def test_a_real_gpu():
-    cuda = C.select_device("cuda")
-    assert C.select_device("auto").type == "cuda"
-    assert C.describe_device(cuda) == f"cuda ({torch.cuda.get_device_name(cuda)})"
+    cuda = D.select_device("cuda")
+    assert D.select_device("auto").type == "cuda"
+    assert D.describe_device(cuda) == f"cuda ({torch.cuda.get_device_name(cuda)})"
     expected = torch.bfloat16 if torch.cuda.get_device_capability(cuda)[0] >= 8 else torch.float16
-    assert C.amp_dtype(cuda, "auto") == expected
+    assert D.amp_dtype(cuda, "auto") == expected
     with pytest.raises(DeviceError, match="available: cpu, cuda:0"):
-        C.select_device(f"cuda:{torch.cuda.device_count()}")
+        D.select_device(f"cuda:{torch.cuda.device_count()}")
 
 
 # --- CPU threads within quotas ---------------------------------------------------------------
 CGROUP = "/sys/fs/cgroup/"
-V2, V1_QUOTA, V1_PERIOD = (CGROUP + "cpu.max", CGROUP + "cpu/cpu.cfs_quota_us",
-                           CGROUP + "cpu/cpu.cfs_period_us")
+V2, V1_QUOTA, V1_PERIOD = (
+    CGROUP + "cpu.max",
+    CGROUP + "cpu/cpu.cfs_quota_us",
+    CGROUP + "cpu/cpu.cfs_period_us",
+)
 
 
-@pytest.mark.parametrize("affinity, files, usable", [
-    (4, {}, 4),
-    (4, {V2: "max 100000\n"}, 4),
-    (4, {V2: "200000 100000\n"}, 2),
-    (4, {V2: "150000 100000\n"}, 1),  # 1.5 CPUs: one thread
-    (4, {V2: "50000 100000\n"}, 1),  # half a CPU: still one thread
-    (1, {V2: "400000 100000\n"}, 1),  # taskset -c 0 under a larger quota
-    (4, {V1_QUOTA: "-1\n", V1_PERIOD: "100000\n"}, 4),
-    (4, {V1_QUOTA: "300000\n", V1_PERIOD: "100000\n"}, 3),
-    (4, {V2: "garbage"}, 4),
-])
-def test_usable_cpus_read_the_affinity_mask_and_the_cgroup_quota(monkeypatch, affinity, files,
-                                                                 usable):
+@pytest.mark.parametrize(
+    "affinity, files, usable",
+    [
+        (4, {}, 4),
+        (4, {V2: "max 100000\n"}, 4),
+        (4, {V2: "200000 100000\n"}, 2),
+        (4, {V2: "150000 100000\n"}, 1),  # 1.5 CPUs: one thread
+        (4, {V2: "50000 100000\n"}, 1),  # half a CPU: still one thread
+        (1, {V2: "400000 100000\n"}, 1),  # taskset -c 0 under a larger quota
+        (4, {V1_QUOTA: "-1\n", V1_PERIOD: "100000\n"}, 4),
+        (4, {V1_QUOTA: "300000\n", V1_PERIOD: "100000\n"}, 3),
+        (4, {V2: "garbage"}, 4),
+    ],
+)
+def test_usable_cpus_read_the_affinity_mask_and_the_cgroup_quota(
+    monkeypatch, affinity, files, usable
+):
     fake_files(monkeypatch, {V2: None, V1_QUOTA: None, V1_PERIOD: None, **files})
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(affinity)), raising=False)
     monkeypatch.setattr(os, "cpu_count", lambda: 4)
-    assert C.usable_cpus() == (usable, 4)
+    assert D.usable_cpus() == (usable, 4)
 
 
 def test_threads_never_exceed_the_usable_cpus_and_omp_num_threads_wins(monkeypatch):
@@ -314,30 +406,43 @@ def test_threads_never_exceed_the_usable_cpus_and_omp_num_threads_wins(monkeypat
     cpu = torch.device("cpu")
     monkeypatch.setattr(psutil, "cpu_count", lambda logical=True: 2 if not logical else 4)
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    monkeypatch.setattr(C, "usable_cpus", lambda: (4, 4))
-    assert C.set_threads() == torch.get_num_threads() == 2  # one per physical core
-    assert C.describe_device(cpu) == "cpu (2 threads)"
-    monkeypatch.setattr(C, "usable_cpus", lambda: (1, 4))  # taskset -c 0, or a 1-CPU quota
-    assert C.set_threads() == torch.get_num_threads() == 1
-    assert C.describe_device(cpu) == "cpu (1 thread; 1 of 4 CPUs usable)"
+    monkeypatch.setattr(D, "usable_cpus", lambda: (4, 4))
+    assert D.set_threads() == torch.get_num_threads() == 2  # one per physical core
+    assert D.describe_device(cpu) == "cpu (2 threads)"
+    monkeypatch.setattr(D, "usable_cpus", lambda: (1, 4))  # taskset -c 0, or a 1-CPU quota
+    assert D.set_threads() == torch.get_num_threads() == 1
+    assert D.describe_device(cpu) == "cpu (1 thread; 1 of 4 CPUs usable)"
     torch.set_num_threads(3)  # what torch took from OMP_NUM_THREADS=3 at start
     monkeypatch.setenv("OMP_NUM_THREADS", "3")
-    assert C.set_threads() == torch.get_num_threads() == 3
-    assert C.describe_device(cpu) == "cpu (3 threads; 1 of 4 CPUs usable)"
-    assert C.set_threads(2) == 2  # asked for explicitly
+    assert D.set_threads() == torch.get_num_threads() == 3
+    assert D.describe_device(cpu) == "cpu (3 threads; 1 of 4 CPUs usable)"
+    assert D.set_threads(2) == 2  # asked for explicitly
 
 
-@pytest.mark.skipif(not shutil.which("taskset") or not hasattr(os, "sched_getaffinity")
-                    or len(os.sched_getaffinity(0)) < 2, reason="needs taskset and 2 CPUs")
+@pytest.mark.skipif(
+    not shutil.which("taskset")
+    or not hasattr(os, "sched_getaffinity")
+    or len(os.sched_getaffinity(0)) < 2,
+    reason="needs taskset and 2 CPUs",
+)
 def test_under_taskset_threads_stay_on_the_one_cpu():
     """The real condition: ``taskset -c N`` lets the process use one CPU of several."""
-    script = ("import torch; from labcnn.config import describe_device, set_threads; "
-              "print(set_threads(), torch.get_num_threads()); "
-              "print(describe_device(torch.device('cpu')))")
+    script = (
+        "import torch; from labcnn.device import describe_device, set_threads; "
+        "print(set_threads(), torch.get_num_threads()); "
+        "print(describe_device(torch.device('cpu')))"
+    )
     env = {k: v for k, v in ENV.items() if k != "OMP_NUM_THREADS"}
     cpu = str(min(os.sched_getaffinity(0)))
-    result = subprocess.run(["taskset", "-c", cpu, sys.executable, "-c", script], env=env,
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        ["taskset", "-c", cpu, sys.executable, "-c", script],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines() == [
-        "1 1", f"cpu (1 thread; 1 of {os.cpu_count()} CPUs usable)"]
+        "1 1",
+        f"cpu (1 thread; 1 of {os.cpu_count()} CPUs usable)",
+    ]

@@ -1,7 +1,7 @@
 """labcnn.data: every layout loads the same tensors, found by one search rule; damage, refusals,
 unwritable folders and failed downloads each end in one clear line and leave nothing behind."""
+
 import errno
-import gzip
 import hashlib
 import io
 import os
@@ -27,8 +27,19 @@ import pytest
 import torch
 import torchvision
 from PIL import Image
-from synthetic import (assert_well_formed, corrupt, load, make_dataset, make_images, pickle_batch,
-                       tiny_batches, write_archive, write_batches, write_png, write_tree)
+from synthetic import (
+    assert_well_formed,
+    corrupt,
+    load,
+    make_dataset,
+    make_images,
+    pickle_batch,
+    tiny_batches,
+    write_archive,
+    write_batches,
+    write_png,
+    write_tree,
+)
 from torchvision.datasets import CIFAR10
 
 from labcnn import DataError, WriteError, data
@@ -118,8 +129,9 @@ def test_data_one_level_deeper_than_searched_is_named(tmp_path, layout):
     for download in (False, True):  # found locally: never downloaded
         with pytest.raises(DataError) as info:
             load(tmp_path, download=download, url="http://127.0.0.1:9/none")
-        assert str(info.value) == (f"found CIFAR-10 at {deeper}, one level deeper than searched: "
-                                   f"pass --data-dir {deeper}")
+        assert str(info.value) == (
+            f"found CIFAR-10 at {deeper}, one level deeper than searched: pass --data-dir {deeper}"
+        )
     load(deeper)  # the advice works
 
 
@@ -139,7 +151,8 @@ def test_nothing_found_names_the_folders_searched_and_the_download(tmp_path):
     searched = f"{tmp_path}, {tmp_path / 'cifar-10-batches-py'}, {tmp_path / 'empty'}"
     assert str(info.value).startswith(
         f"no CIFAR-10 data found in {tmp_path} (searched: {searched}). Put cifar-10-batches-py/, "
-        "cifar-10-python.tar.gz or an image tree train/<class>/, test/<class>/ there, ")
+        "cifar-10-python.tar.gz or an image tree train/<class>/, test/<class>/ there, "
+    )
     assert str(info.value).endswith(f"or pass --download (download=True) to get {CIFAR10.url}")
     with pytest.raises(DataError, match=re.escape("to get http://mirror.example/c.tgz")):
         load_cifar10(tmp_path, url="http://mirror.example/c.tgz")
@@ -167,8 +180,12 @@ def test_tilde_and_relative_paths_expand(tmp_path, monkeypatch, layout):
 
 def test_constants_are_torchvisions():
     """Written out so that importing labcnn.data does not import torchvision (seconds)."""
-    assert (data.URL, data.ARCHIVE, data.ARCHIVE_MD5, data.BATCHES_DIR) == (
-        CIFAR10.url, CIFAR10.filename, CIFAR10.tgz_md5, CIFAR10.base_folder)
+    assert (
+        CIFAR10.url,
+        CIFAR10.filename,
+        CIFAR10.tgz_md5,
+        CIFAR10.base_folder,
+    ) == (data.URL, data.ARCHIVE, data.ARCHIVE_MD5, data.BATCHES_DIR)
     names = [name for name, _ in CIFAR10.train_list + CIFAR10.test_list]
     assert list(data.FILES) == [*names, CIFAR10.meta["filename"]]
 
@@ -178,8 +195,11 @@ def test_constants_are_torchvisions():
 
 def test_official_layout_is_verified_by_default(tmp_path):
     make_dataset(tmp_path, "batches")
-    with pytest.raises(DataError, match=r"data_batch_1 does not match the official CIFAR-10 "
-                                        r"release \(MD5 .*pass --no-verify \(verify=False\)\.$"):
+    with pytest.raises(
+        DataError,
+        match=r"data_batch_1 does not match the official CIFAR-10 "
+        r"release \(MD5 .*pass --no-verify \(verify=False\)\.$",
+    ):
         load_cifar10(tmp_path)
     with pytest.warns(UserWarning, match="without checking MD5s"):
         load_cifar10(tmp_path, verify=False)
@@ -221,8 +241,10 @@ SHAPES = r"expected 'data' uint8 \[N, 3072\] and 'labels' N integers in 0..9, fo
 DAMAGED = {
     "truncated": (lambda good: good[: len(good) // 2], "is not a readable CIFAR-10 pickle"),
     "not a pickle": (lambda good: b"\x89PNG no pickle" * 10, "is not a readable CIFAR-10 pickle"),
-    "not a dict": (lambda good: pickle.dumps([1, 2, 3], protocol=2),
-                   r"pickle batch \(a dict\): 'list' object has no attribute 'items'"),
+    "not a dict": (
+        lambda good: pickle.dumps([1, 2, 3], protocol=2),
+        r"pickle batch \(a dict\): 'list' object has no attribute 'items'",
+    ),
     "no labels": (lambda good: pickle.dumps({"data": TEN.numpy()}), SHAPES + r" \['data'\]"),
     "no data": (lambda good: pickle.dumps({"labels": [0] * 10}), SHAPES + r" \['labels'\]"),
     "wrong shape": (lambda good: batch_entry(TEN[:, :3000].numpy(), list(range(10))), SHAPES),
@@ -255,8 +277,11 @@ def test_batch_pickle_cannot_run_code(tmp_path):
 
     path = tiny_batches(tmp_path) / "data_batch_1"
     path.write_bytes(pickle.dumps({"data": Exploit(), "labels": [0]}, protocol=2))
-    with pytest.raises(DataError, match=r"data_batch_1 is not a readable .*unexpected global numpy"
-                                        r"\.testing"):
+    with pytest.raises(
+        DataError,
+        match=r"data_batch_1 is not a readable .*unexpected global numpy"
+        r"\.testing",
+    ):
         load(tmp_path)
     assert not marker.exists()
 
@@ -269,8 +294,11 @@ def test_bytes_keys_and_bytes_label_names(tmp_path):
     assert torch.equal(load(tmp_path)[0], train[0])
     meta[b"label_names"] = meta[b"label_names"][::-1]
     (folder / "batches.meta").write_bytes(pickle.dumps(meta, protocol=2))
-    with pytest.raises(DataError, match=r"batches.meta: label_names \[b'truck', .* are not "
-                                        r"CIFAR-10's \['airplane'"):
+    with pytest.raises(
+        DataError,
+        match=r"batches.meta: label_names \[b'truck', .* are not "
+        r"CIFAR-10's \['airplane'",
+    ):
         load(tmp_path)
     (folder / "batches.meta").write_bytes(pickle.dumps({"label_names": 10}, protocol=2))
     with pytest.raises(DataError, match=r"batches.meta: label_names 10 are not CIFAR-10's"):
@@ -353,8 +381,10 @@ def test_archive_is_verified_then_extracted_next_to_itself(tmp_path):
     assert entries(tmp_path / "cifar-10-batches-py") == RELEASE
 
 
-@pytest.mark.parametrize("name", ["cifar-10-python.tar", "cifar-10-python (1).tar.gz",
-                                  "cifar-10-python.tar.gz.crdownload"])
+@pytest.mark.parametrize(
+    "name",
+    ["cifar-10-python.tar", "cifar-10-python (1).tar.gz", "cifar-10-python.tar.gz.crdownload"],
+)
 def test_archives_as_browsers_leave_them(tmp_path, name):
     """Safari un-gzips to .tar; a second download gets " (1)"; a cut download stays partial."""
     train, test = make_images(2), make_images(1, seed=1)
@@ -367,8 +397,11 @@ def test_archives_as_browsers_leave_them(tmp_path, name):
     elif name.endswith(".crdownload"):
         archive.rename(tmp_path / name)
         (tmp_path / name).write_bytes((tmp_path / name).read_bytes()[:1500])
-        with pytest.raises(DataError, match=f"could not extract {re.escape(str(tmp_path / name))}"
-                                            r" \(.*\); it is truncated or damaged"):
+        with pytest.raises(
+            DataError,
+            match=f"could not extract {re.escape(str(tmp_path / name))}"
+            r" \(.*\); it is truncated or damaged",
+        ):
             load(tmp_path)
         assert entries(tmp_path) == [name]
         return
@@ -407,14 +440,18 @@ def test_zips_holding_no_release(tmp_path):
     assert str(info.value) == (
         f"{root / 'archive.zip'} lacks cifar-10-batches-py/data_batch_1, data_batch_2, "
         "data_batch_3, data_batch_4, data_batch_5, test_batch, batches.meta: expected the CIFAR-10"
-        " python archive (an image tree: unpack it and pass its folder)")
+        " python archive (an image tree: unpack it and pass its folder)"
+    )
     assert entries(root) == ["archive.zip"]
     (root / "archive.zip").write_bytes(zip_of({"photos/holiday.txt": b"x"}))
     train, _ = small(root, "tree")
     assert sha(load(root)) == sha(train)
     (root / "archive.zip").write_bytes(b"PK\x03\x04 damaged")  # an unreadable zip is named
-    with pytest.raises(DataError, match=f"could not extract {re.escape(str(root))}/archive.zip "
-                                        r"\(BadZipFile"):
+    with pytest.raises(
+        DataError,
+        match=f"could not extract {re.escape(str(root))}/archive.zip "
+        r"\(BadZipFile",
+    ):
         load(root)
 
 
@@ -424,8 +461,10 @@ def test_a_web_page_or_other_file_saved_as_the_archive_is_named(tmp_path):
     for verify in (True, False):  # named before its MD5 is checked
         with pytest.raises(DataError) as info:
             load(tmp_path, verify=verify)
-        assert str(info.value) == (f"{archive} is a web page (HTML) (it starts with "
-                                   f"{archive.read_bytes()[:16]!r}), not the CIFAR-10 archive")
+        assert str(info.value) == (
+            f"{archive} is a web page (HTML) (it starts with "
+            f"{archive.read_bytes()[:16]!r}), not the CIFAR-10 archive"
+        )
     archive.write_bytes(b'{"error": "quota"}')
     with pytest.raises(DataError, match=r"is no archive \(it starts with b'\{\"error"):
         load(tmp_path)
@@ -451,8 +490,15 @@ def old_extractall(self, path=".", members=None, *, numeric_owner=False):
 
 
 @pytest.mark.parametrize("python", ["data-filter", "older-python"])
-@pytest.mark.parametrize("member", ["../escaped.txt", "cifar-10-batches-py/../../escaped.txt",
-                                    "link", "cifar-10-batches-py/sub/../../escaped.txt"])
+@pytest.mark.parametrize(
+    "member",
+    [
+        "../escaped.txt",
+        "cifar-10-batches-py/../../escaped.txt",
+        "link",
+        "cifar-10-batches-py/sub/../../escaped.txt",
+    ],
+)
 def test_archive_members_escaping_the_folder_are_refused(tmp_path, monkeypatch, python, member):
     if python == "older-python":  # no filters: nothing is extracted
         monkeypatch.setattr(tarfile.TarFile, "extractall", old_extractall)
@@ -480,8 +526,11 @@ def test_truncated_or_incomplete_archive_leaves_nothing_behind(tmp_path, monkeyp
     for fraction in (0.1, 0.5, 0.9):
         archive.write_bytes(good[: int(len(good) * fraction)])
         for _ in range(2):  # a second run does not accept what the first one left
-            with pytest.raises(DataError, match=f"could not extract {re.escape(str(archive))} "
-                                                r"\(.*; it is truncated or damaged$"):
+            with pytest.raises(
+                DataError,
+                match=f"could not extract {re.escape(str(archive))} "
+                r"\(.*; it is truncated or damaged$",
+            ):
                 load(root)
             assert entries(root) == [archive.name]
 
@@ -490,8 +539,11 @@ def test_truncated_or_incomplete_archive_leaves_nothing_behind(tmp_path, monkeyp
     with tarfile.open(archive, "w:gz") as tar:
         for p in sorted((staging / "cifar-10-batches-py").iterdir())[2:]:
             tar.add(p, arcname=f"cifar-10-batches-py/{p.name}")
-    with pytest.raises(DataError, match=r"lacks cifar-10-batches-py/data_batch_1, batches.meta: "
-                                        "expected the CIFAR-10"):
+    with pytest.raises(
+        DataError,
+        match=r"lacks cifar-10-batches-py/data_batch_1, batches.meta: "
+        "expected the CIFAR-10",
+    ):
         load(root)
     assert entries(root) == [archive.name]
 
@@ -523,8 +575,10 @@ def test_a_folder_in_the_way_of_the_extraction_is_named(tmp_path):
     (tmp_path / "cifar-10-batches-py" / "notes.txt").write_text("not a batch file")
     with pytest.raises(DataError) as info:
         load(tmp_path)
-    assert str(info.value) == (f"cannot extract {archive}: {tmp_path / 'cifar-10-batches-py'} is in"
-                               " the way (a folder without batch files); move or delete it")
+    assert str(info.value) == (
+        f"cannot extract {archive}: {tmp_path / 'cifar-10-batches-py'} is in"
+        " the way (a folder without batch files); move or delete it"
+    )
     assert entries(tmp_path) == ["cifar-10-batches-py", "cifar-10-python.tar.gz"]
     (tmp_path / "cifar-10-batches-py" / "notes.txt").unlink()  # an empty folder is replaced
     load(tmp_path)
@@ -539,9 +593,11 @@ def test_a_full_disk_during_extraction_names_the_folder(tmp_path, monkeypatch):
     monkeypatch.setattr(tarfile.TarFile, "makefile", full)
     with pytest.raises(WriteError) as info:
         load(tmp_path)
-    assert str(info.value) == (f"cannot write {tmp_path} (No space left on device): extract the "
-                               f"archive elsewhere (tar -C DIR -xf {archive}) and pass that DIR "
-                               "(command line: --data-dir DIR)")
+    assert str(info.value) == (
+        f"cannot write {tmp_path} (No space left on device): extract the "
+        f"archive elsewhere (tar -C DIR -xf {archive}) and pass that DIR "
+        "(command line: --data-dir DIR)"
+    )
     assert entries(tmp_path) == ["cifar-10-python.tar.gz"]
 
 
@@ -591,23 +647,41 @@ def alias_beside_name(root):
 
 
 TREE_FAULTS = {
-    "missing class": (lambda r: shutil.rmtree(r / "test" / "frog"),
-                      r"test: missing class folders \['frog'\] of \['airplane'"),
-    "missing split": (lambda r: shutil.rmtree(r / "test"),
-                      r"cannot read .*test \(No such file or directory\)"),
-    "empty class": (lambda r: (r / "test" / "ship" / "0000.png").unlink(),
-                    r"test/ship holds no images"),
-    "alias and name": (alias_beside_name, r"test: class folders \['airplane', .*'plane', 'ship', "
-                                          r"'truck'\] are not CIFAR-10's \[.*\], one each"),
-    "capitalised": (lambda r: (r / "test" / "cat").rename(r / "test" / "Cat"),
-                    r"test: class folders \['Cat', 'airplane'.*are not CIFAR-10's \['airplane'"),
-    "not an image": (lambda r: (r / "test" / "cat" / "notes.txt").write_text("x"),
-                     r"unexpected .*test/cat/notes.txt: class folders may hold only .png, .jpg"),
-    "wrong size": (lambda r: write_png(torch.zeros(3, 16, 24, dtype=torch.uint8),
-                                       r / "test" / "cat" / "0000.png"),
-                   r"test/cat/0000.png is 24x16 pixels, not 32x32$"),
-    "not decodable": (lambda r: (r / "test" / "cat" / "0000.png").write_bytes(b"GIF89a" + bytes(9)),
-                      r"cannot decode image .*test/cat/0000.png \(UnidentifiedImageError"),
+    "missing class": (
+        lambda r: shutil.rmtree(r / "test" / "frog"),
+        r"test: missing class folders \['frog'\] of \['airplane'",
+    ),
+    "missing split": (
+        lambda r: shutil.rmtree(r / "test"),
+        r"cannot read .*test \(No such file or directory\)",
+    ),
+    "empty class": (
+        lambda r: (r / "test" / "ship" / "0000.png").unlink(),
+        r"test/ship holds no images",
+    ),
+    "alias and name": (
+        alias_beside_name,
+        r"test: class folders \['airplane', .*'plane', 'ship', "
+        r"'truck'\] are not CIFAR-10's \[.*\], one each",
+    ),
+    "capitalised": (
+        lambda r: (r / "test" / "cat").rename(r / "test" / "Cat"),
+        r"test: class folders \['Cat', 'airplane'.*are not CIFAR-10's \['airplane'",
+    ),
+    "not an image": (
+        lambda r: (r / "test" / "cat" / "notes.txt").write_text("x"),
+        r"unexpected .*test/cat/notes.txt: class folders may hold only .png, .jpg",
+    ),
+    "wrong size": (
+        lambda r: write_png(
+            torch.zeros(3, 16, 24, dtype=torch.uint8), r / "test" / "cat" / "0000.png"
+        ),
+        r"test/cat/0000.png is 24x16 pixels, not 32x32$",
+    ),
+    "not decodable": (
+        lambda r: (r / "test" / "cat" / "0000.png").write_bytes(b"GIF89a" + bytes(9)),
+        r"cannot decode image .*test/cat/0000.png \(UnidentifiedImageError",
+    ),
 }
 
 
@@ -665,8 +739,9 @@ def rgba():
     return Image.fromarray(np.dstack([rgb, alpha]), mode="RGBA"), rgb
 
 
-SIXTEEN_BIT = np.concatenate([[0, 128, 129, 385, 386, 32767, 32768, 65406, 65407, 65535],
-                              np.arange(1014) * 64])
+SIXTEEN_BIT = np.concatenate(
+    [[0, 128, 129, 385, 386, 32767, 32768, 65406, 65407, 65535], np.arange(1014) * 64]
+)
 
 
 def sixteen_bit(mode):
@@ -742,16 +817,21 @@ def read_only(folder: Path, monkeypatch):
     for p in paths:
         p.chmod(p.stat().st_mode & ~(stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH))
     if os.geteuid() == 0:
+
         def refuse(real, writes=lambda *args: True):
             def call(path, *args, **kwargs):
                 if writes(*args) and Path(path).resolve().parent.is_relative_to(folder):
                     raise PermissionError(errno.EACCES, "Permission denied", str(path))
                 return real(path, *args, **kwargs)
+
             return call
 
         monkeypatch.setattr(os, "mkdir", refuse(os.mkdir))
-        monkeypatch.setattr(os, "open", refuse(os.open, lambda flags, *rest: flags & (
-            os.O_WRONLY | os.O_RDWR | os.O_CREAT)))
+        monkeypatch.setattr(
+            os,
+            "open",
+            refuse(os.open, lambda flags, *rest: flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT)),
+        )
     try:
         yield folder
     finally:
@@ -767,8 +847,11 @@ def test_read_only_image_tree_loads_with_one_warning(tmp_path, monkeypatch):
         with pytest.warns(UserWarning) as caught:
             assert sha(load_cifar10(root)) == sha(train)
         [warning] = [str(w.message) for w in caught]
-        assert re.fullmatch(rf"could not write the decode cache {root}/\.labcnn-train-\w+\.pt "
-                            r"\(Permission denied\); the next load decodes again", warning)
+        assert re.fullmatch(
+            rf"could not write the decode cache {root}/\.labcnn-train-\w+\.pt "
+            r"\(Permission denied\); the next load decodes again",
+            warning,
+        )
         with warnings.catch_warnings():
             warnings.simplefilter("error")  # once per process: decoded again, silently
             assert sha(load_cifar10(root)) == sha(train)
@@ -806,7 +889,8 @@ def test_read_only_archive_says_how_to_extract_it_elsewhere(tmp_path, monkeypatc
             load(root)
         assert str(info.value) == (
             f"cannot write {root} (Permission denied): extract the archive elsewhere "
-            f"(tar -C DIR -xf {archive}) and pass that DIR (command line: --data-dir DIR)")
+            f"(tar -C DIR -xf {archive}) and pass that DIR (command line: --data-dir DIR)"
+        )
         assert entries(root) == ["cifar-10-python.tar.gz"]
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
@@ -863,8 +947,9 @@ def mirror(tmp_path_factory, monkeypatch):
     server = ThreadingHTTPServer(("127.0.0.1", 0), partial(Mirror, directory=str(folder)))
     server.archive, server.release = archive.read_bytes(), threading.Event()
     threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
-    yield SimpleNamespace(url=f"http://127.0.0.1:{server.server_address[1]}", folder=folder,
-                          train=train)
+    yield SimpleNamespace(
+        url=f"http://127.0.0.1:{server.server_address[1]}", folder=folder, train=train
+    )
     server.release.set()
     server.shutdown()
     server.server_close()
@@ -884,8 +969,11 @@ def download_error(root, url, verify=False) -> str:
 
 
 def failed(url, root, why) -> str:
-    return (re.escape(f"could not download CIFAR-10 from {url} into {root} (") + why + re.escape(
-        "); without internet, copy cifar-10-python.tar.gz or an image tree there"))
+    return (
+        re.escape(f"could not download CIFAR-10 from {url} into {root} (")
+        + why
+        + re.escape("); without internet, copy cifar-10-python.tar.gz or an image tree there")
+    )
 
 
 def test_download_from_a_mirror(tmp_path, mirror):
@@ -915,8 +1003,10 @@ def test_a_dropped_connection_says_so(tmp_path, mirror):
 @pytest.mark.parametrize("verify", [True, False])
 def test_a_web_page_instead_of_the_archive_is_named(tmp_path, mirror, kind, verify):
     message = download_error(tmp_path, f"{mirror.url}/{kind}", verify)
-    assert message == (f"the file downloaded from {mirror.url}/{kind} is a web page (HTML) (it "
-                       f"starts with {PORTAL[:16]!r}), not the CIFAR-10 archive")
+    assert message == (
+        f"the file downloaded from {mirror.url}/{kind} is a web page (HTML) (it "
+        f"starts with {PORTAL[:16]!r}), not the CIFAR-10 archive"
+    )
 
 
 def test_download_with_the_wrong_md5_is_refused_and_leaves_nothing(tmp_path, mirror):
@@ -924,20 +1014,27 @@ def test_download_with_the_wrong_md5_is_refused_and_leaves_nothing(tmp_path, mir
     assert download_error(tmp_path, url, verify=True) == (
         f"the file downloaded from {url} does not match the official CIFAR-10 release (MD5 "
         f"{CIFAR10.tgz_md5}): damaged or re-packed: get it again, or pass --no-verify "
-        "(verify=False).")
+        "(verify=False)."
+    )
 
 
 def test_damaged_download_is_named_by_its_url_and_leaves_nothing(tmp_path, mirror):
     archive = mirror.folder / "cifar-10-python.tar.gz"
     archive.write_bytes(archive.read_bytes()[:1000])
     message = download_error(tmp_path, f"{mirror.url}/cifar-10-python.tar.gz")
-    assert re.fullmatch(re.escape(f"could not extract the file downloaded from {mirror.url}/"
-                                  "cifar-10-python.tar.gz (") + r".*\); it is truncated or damaged",
-                        message), message
+    assert re.fullmatch(
+        re.escape(
+            f"could not extract the file downloaded from {mirror.url}/cifar-10-python.tar.gz ("
+        )
+        + r".*\); it is truncated or damaged",
+        message,
+    ), message
     (mirror.folder / "data.json").write_text('{"error": "not found"}')
     message = download_error(tmp_path, f"{mirror.url}/data.json")
-    assert message == (f"the file downloaded from {mirror.url}/data.json is no archive (it starts "
-                       """with b'{"error": "not f'), not the CIFAR-10 archive""")
+    assert message == (
+        f"the file downloaded from {mirror.url}/data.json is no archive (it starts "
+        """with b'{"error": "not f'), not the CIFAR-10 archive"""
+    )
 
 
 @pytest.mark.parametrize("where", ["closed port", "missing file", "not a URL"])
@@ -965,13 +1062,16 @@ def test_download_defaults_to_torchvisions_url(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("existing", [True, False], ids=["root exists", "root to create"])
-def test_download_into_an_unwritable_folder_says_cannot_write(tmp_path, monkeypatch, mirror,
-                                                              existing):
+def test_download_into_an_unwritable_folder_says_cannot_write(
+    tmp_path, monkeypatch, mirror, existing
+):
     root = tmp_path if existing else tmp_path / "data"
     with read_only(tmp_path, monkeypatch), pytest.raises(WriteError) as info:
         load(root, download=True, url=f"{mirror.url}/cifar-10-python.tar.gz")
-    assert str(info.value) == (f"cannot write {root} (Permission denied): download into a writable"
-                               " folder instead: pass it as root (command line: --data-dir DIR)")
+    assert str(info.value) == (
+        f"cannot write {root} (Permission denied): download into a writable"
+        " folder instead: pass it as root (command line: --data-dir DIR)"
+    )
     assert entries(tmp_path) == []
 
 
@@ -990,16 +1090,22 @@ def test_two_loads_preparing_one_folder_at_once_both_succeed(tmp_path, monkeypat
         real_unpack = data.unpack
         monkeypatch.setattr(data, "unpack", lambda *a: (real_unpack(*a), together.wait()))
     url, results = None if layout else f"{mirror.url}/cifar-10-python.tar.gz", []
-    threads = [threading.Thread(target=lambda: results.append(
-        sha(load(tmp_path, download=bool(url), url=url)))) for _ in range(2)]
+    threads = [
+        threading.Thread(
+            target=lambda: results.append(sha(load(tmp_path, download=bool(url), url=url)))
+        )
+        for _ in range(2)
+    ]
     for t in threads:
         t.start()
     for t in threads:
         t.join(60)
     assert results == [sha(train)] * 2
-    expected = {"extract the archive": ["cifar-10-batches-py", "cifar-10-python.tar.gz"],
-                "write the decode cache": [".labcnn-train-", "test", "train"],
-                "download": ["cifar-10-batches-py"]}[task]
+    expected = {
+        "extract the archive": ["cifar-10-batches-py", "cifar-10-python.tar.gz"],
+        "write the decode cache": [".labcnn-train-", "test", "train"],
+        "download": ["cifar-10-batches-py"],
+    }[task]
     assert [re.sub(r"(\.labcnn-train-).*", r"\1", n) for n in entries(tmp_path)] == expected
     assert sha(load(tmp_path)) == sha(train)  # what they left loads
 

@@ -1,5 +1,6 @@
 """labcnn.fileio: the one atomic writer, staged folders, the run-folder lock, and what each does
 on file systems without permissions or locks (FAT, SMB, NFS without lockd)."""
+
 import errno
 import json
 import os
@@ -8,7 +9,6 @@ import stat
 import subprocess
 import sys
 import threading
-import warnings
 
 import pytest
 import torch
@@ -19,8 +19,16 @@ from labcnn import fileio as F
 from labcnn.cli import main
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-TRAIN = ["--epochs", "1", "--batch-size", str(QUICK["batch_size"]), "--lr", str(QUICK["lr"]),
-         "--device", "cpu"]
+TRAIN = [
+    "--epochs",
+    "1",
+    "--batch-size",
+    str(QUICK["batch_size"]),
+    "--lr",
+    str(QUICK["lr"]),
+    "--device",
+    "cpu",
+]
 
 
 @pytest.fixture(autouse=True)
@@ -31,9 +39,11 @@ def omp_threads(monkeypatch):
 
 def raising(error: BaseException):
     """A ``write`` that writes half, then raises ``error``."""
+
     def write(f):
         f.write(b"half")
         raise error
+
     return write
 
 
@@ -43,11 +53,15 @@ def test_failed_write_keeps_the_previous_file_and_leaves_no_temporary(tmp_path):
 
     def fail(f):
         f.write(b"half")
-        raise RuntimeError("[enforce fail at inline_container.cc] PytorchStreamWriter failed "
-                           "writing file\nmore")
+        raise RuntimeError(
+            "[enforce fail at inline_container.cc] PytorchStreamWriter failed writing file\nmore"
+        )
 
-    with pytest.raises(WriteError, match=r"cannot write .*state.pt \(\[enforce fail .*writing "
-                                         r"file\): make its folder writable"):
+    with pytest.raises(
+        WriteError,
+        match=r"cannot write .*state.pt \(\[enforce fail .*writing "
+        r"file\): make its folder writable",
+    ):
         F.atomic_write(path, fail)
     with pytest.raises(WriteError, match=r"state.pt \(No space left on device\)") as info:
         F.atomic_write(path, raising(OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))))
@@ -94,8 +108,9 @@ def test_a_refused_chmod_never_loses_the_file(tmp_path, monkeypatch):
     assert sorted(os.listdir(tmp_path)) == ["a.bin", "a.json"]
 
 
-def test_on_a_disk_without_permissions_every_file_is_written(tree_data, tmp_path, monkeypatch,
-                                                             capsys):
+def test_on_a_disk_without_permissions_every_file_is_written(
+    tree_data, tmp_path, monkeypatch, capsys
+):
     """Checkpoint, history, figures, the decode cache and the GIFs, with chmod refused (EPERM)."""
     root, _, _ = tree_data
     data = tmp_path / "data"
@@ -140,10 +155,9 @@ def test_concurrent_writers_of_one_file_never_share_a_temporary_file(tmp_path):
 
 def test_a_staged_folder_appears_whole_or_not_at_all(tmp_path):
     target = tmp_path / "batches"
-    with pytest.raises(RuntimeError):
-        with F.staged_dir(target) as scratch:
-            (scratch / "half").write_bytes(b"x")
-            raise RuntimeError("interrupted")
+    with pytest.raises(RuntimeError), F.staged_dir(target) as scratch:
+        (scratch / "half").write_bytes(b"x")
+        raise RuntimeError("interrupted")
     assert os.listdir(tmp_path) == []
     with F.staged_dir(target) as scratch:
         assert scratch.parent == tmp_path and scratch.name.startswith(".")
@@ -169,6 +183,7 @@ def test_run_lock_refuses_a_second_holder_and_is_released(tmp_path):
 
 def no_locks(monkeypatch, code: int) -> None:
     """``flock`` as on NFS without lockd, or Lustre/GPFS mounted without flock."""
+
     def flock(handle, operation):
         raise OSError(code, os.strerror(code))
 
@@ -184,21 +199,27 @@ def test_a_file_system_without_locks_warns_once_and_goes_on(tmp_path, monkeypatc
             with F.run_lock(tmp_path):
                 ran = True
     assert ran and len(caught) == 1
-    assert str(caught[0].message) == (f"cannot lock {tmp_path} ({os.strerror(code)}; this file "
-                                      "system has no locks): make sure no other run trains into it")
+    assert str(caught[0].message) == (
+        f"cannot lock {tmp_path} ({os.strerror(code)}; this file "
+        "system has no locks): make sure no other run trains into it"
+    )
 
 
 @pytest.mark.skipif(F.fcntl is None, reason="no fcntl (Windows)")
-def test_training_on_nfs_without_lockd_goes_on_with_one_warning(tree_data, tmp_path, monkeypatch,
-                                                                capsys):
+def test_training_on_nfs_without_lockd_goes_on_with_one_warning(
+    tree_data, tmp_path, monkeypatch, capsys
+):
     root, _, _ = tree_data
     no_locks(monkeypatch, errno.ENOLCK)
     out = tmp_path / "run"
-    assert main(["train", "--data-dir", str(root), "--out", str(out), "--subset", "60",
-                 *TRAIN]) == 0
+    assert (
+        main(["train", "--data-dir", str(root), "--out", str(out), "--subset", "60", *TRAIN]) == 0
+    )
     captured = capsys.readouterr()
-    assert captured.err == (f"warning: cannot lock {out} (No locks available; this file system "
-                            "has no locks): make sure no other run trains into it\n")
+    assert captured.err == (
+        f"warning: cannot lock {out} (No locks available; this file system "
+        "has no locks): make sure no other run trains into it\n"
+    )
     assert "epoch 1/1" in captured.out and (out / "checkpoint.pt").is_file()
 
 
@@ -225,14 +246,32 @@ def test_reason():
 
 def start(root, out):
     """A training subprocess that runs until killed."""
-    command = [sys.executable, "-m", "labcnn", "train", "--data-dir", str(root), "--out", str(out),
-               "--epochs", "1000", "--subset", "80", "--batch-size", "8", "--device", "cpu"]
-    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=ENV)
+    command = [
+        sys.executable,
+        "-m",
+        "labcnn",
+        "train",
+        "--data-dir",
+        str(root),
+        "--out",
+        str(out),
+        "--epochs",
+        "1000",
+        "--subset",
+        "80",
+        "--batch-size",
+        "8",
+        "--device",
+        "cpu",
+    ]
+    return subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV
+    )
 
 
 def test_a_second_run_into_a_folder_in_use_is_refused_and_a_killed_run_leaves_no_stuck_lock(
-        tree_data, tmp_path, capsys):
+    tree_data, tmp_path, capsys
+):
     root, _, _ = tree_data
     out = tmp_path / "run"
     first = start(root, out)
@@ -241,11 +280,26 @@ def test_a_second_run_into_a_folder_in_use_is_refused_and_a_killed_run_leaves_no
     try:
         line = next((line for line in first.stdout if line.startswith("device: ")), None)
         assert line is not None, first.stderr.read()  # it holds the lock when it says so
-        args = ["train", "--data-dir", str(root), "--out", str(out), "--epochs", "1000",
-                "--subset", "80", "--batch-size", "8", "--device", "cpu"]
+        args = [
+            "train",
+            "--data-dir",
+            str(root),
+            "--out",
+            str(out),
+            "--epochs",
+            "1000",
+            "--subset",
+            "80",
+            "--batch-size",
+            "8",
+            "--device",
+            "cpu",
+        ]
         assert main(args) == 2
-        assert capsys.readouterr().err == (f"error: {out} is in use by another training process: "
-                                           "wait for it to end, or choose another --out folder\n")
+        assert capsys.readouterr().err == (
+            f"error: {out} is in use by another training process: "
+            "wait for it to end, or choose another --out folder\n"
+        )
         assert first.poll() is None  # the first run goes on
     finally:
         watchdog.cancel()
@@ -265,9 +319,11 @@ def test_unwritable_folders_give_one_cannot_write_line(tree_data, tmp_path):
     (locked / "run").mkdir(parents=True)
     train = ["train", "--data-dir", str(root), "--subset", "40", *TRAIN, "--out"]
     cases = {"new": train, "run": train, "gifs": ["gifs", "--notebook", "none", "--out"]}
-    script = ("import sys, json; from labcnn.cli import main\n"
-              "for argv in json.loads(sys.argv[1]):\n"
-              "    print('=== status', main(argv), file=sys.stderr, flush=True)\n")
+    script = (
+        "import sys, json; from labcnn.cli import main\n"
+        "for argv in json.loads(sys.argv[1]):\n"
+        "    print('=== status', main(argv), file=sys.stderr, flush=True)\n"
+    )
     argvs = [[*argv, str(locked / name)] for name, argv in cases.items()]
     command = without_root_override([sys.executable, "-c", script, json.dumps(argvs)])
     for folder in (locked / "run", locked):
@@ -286,7 +342,7 @@ def test_unwritable_folders_give_one_cannot_write_line(tree_data, tmp_path):
         else:
             lines.append(line)
     assert [status for status, _ in blocks] == ["2", "2", "2"], result.stderr
-    for name, (_, lines) in zip(cases, blocks):
+    for name, (_, lines) in zip(cases, blocks, strict=False):
         errors = [line for line in lines if not line.startswith("warning: ")]
         assert len(errors) == 1 and errors[0].startswith(f"error: cannot write {locked / name}")
         assert "(Permission denied)" in errors[0]

@@ -1,5 +1,6 @@
 """labcnn.model: the network's size and shapes, its summary, size arithmetic, filter norms,
 normalization and the Trained record."""
+
 import re
 
 import pytest
@@ -7,9 +8,22 @@ import torch
 from torch import nn
 
 from labcnn import ConfigError
-from labcnn.model import (CHANNELS, COLLAPSE_NORM, INPUT_SIZE, LAB_MEAN, LAB_NORMALIZATION, LAB_STD,
-                          LabCNN, Normalization, Trained, collapsed_filters,
-                          filter_norms, output_size, size_chain, summary)
+from labcnn.model import (
+    CHANNELS,
+    COLLAPSE_NORM,
+    INPUT_SIZE,
+    LAB_MEAN,
+    LAB_NORMALIZATION,
+    LAB_STD,
+    LabCNN,
+    Normalization,
+    Trained,
+    collapsed_filters,
+    filter_norms,
+    output_size,
+    size_chain,
+    summary,
+)
 
 
 def test_parameter_count_is_the_labs():
@@ -25,8 +39,12 @@ def test_block_and_logit_shapes():
         shapes.append(tuple(x.shape))
     assert shapes == [(1, 32, 16, 16), (1, 64, 8, 8), (1, 128, 4, 4)]
     assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
-    assert [model.fc1.in_features, model.fc2.in_features, model.fc3.in_features,
-            model.fc3.out_features] == [2048, 256, 128, 10]
+    assert [
+        model.fc1.in_features,
+        model.fc2.in_features,
+        model.fc3.in_features,
+        model.fc3.out_features,
+    ] == [2048, 256, 128, 10]
 
 
 def test_summary_table_and_model_untouched():
@@ -34,18 +52,25 @@ def test_summary_table_and_model_untouched():
     table = str(summary(model))
     # each convolution's row: output shape, parameters
     convs = re.findall(r"Conv2d \(0\)\s+(\[[^]]+\])\s+(\S+)", table)
-    assert convs == [("[1, 32, 33, 33]", "416"), ("[1, 64, 17, 17]", "8,256"),
-                     ("[1, 128, 9, 9]", "32,896")]
+    assert convs == [
+        ("[1, 32, 33, 33]", "416"),
+        ("[1, 64, 17, 17]", "8,256"),
+        ("[1, 128, 9, 9]", "32,896"),
+    ]
     assert "Total params: 600,746" in table
     assert model.training
     assert next(model.parameters()).device.type == "cpu"
 
 
-@pytest.mark.parametrize("size, kernel, stride, padding", [
-    (32, 2, 1, 1), (33, 2, 2, 0), (17, 2, 2, 0), (32, 3, 1, 1), (32, 5, 2, 2), (7, 3, 3, 0)])
+@pytest.mark.parametrize(
+    "size, kernel, stride, padding",
+    [(32, 2, 1, 1), (33, 2, 2, 0), (17, 2, 2, 0), (32, 3, 1, 1), (32, 5, 2, 2), (7, 3, 3, 0)],
+)
 def test_output_size_is_what_torch_computes(size, kernel, stride, padding):
     conv = nn.Conv2d(1, 1, kernel, stride=stride, padding=padding)
-    assert output_size(size, kernel, stride, padding) == conv(torch.zeros(1, 1, size, size)).shape[-1]
+    assert (
+        output_size(size, kernel, stride, padding) == conv(torch.zeros(1, 1, size, size)).shape[-1]
+    )
     if padding == 0:
         pool = nn.MaxPool2d(kernel, stride)
         assert output_size(size, kernel, stride) == pool(torch.zeros(1, 1, size, size)).shape[-1]
@@ -57,7 +82,8 @@ def test_size_chain_by_formula_matches_the_models_shapes():
         block = getattr(model, f"conv{i}")
         for layer, name in ((block[0], f"conv{i}"), (block[3], f"pool{i}")):
             layer.register_forward_hook(
-                lambda _, __, out, name=name: measured.append((name, out.shape[1], out.shape[-1])))
+                lambda _, __, out, name=name: measured.append((name, out.shape[1], out.shape[-1]))
+            )
     model(torch.zeros(INPUT_SIZE))
     assert size_chain() == measured
     assert [side for _, _, side in size_chain()] == [32, 33, 16, 17, 8, 9, 4]
@@ -71,7 +97,11 @@ def test_collapsed_filters_counts_zeroed_kernels():
     with torch.no_grad():
         model.conv2[0].weight[:5] = 1e-5
     assert collapsed_filters(model)["conv2"] == (5, 64)
-    assert collapsed_filters(model, threshold=0.0) == {"conv1": (0, 32), "conv2": (0, 64), "conv3": (0, 128)}
+    assert collapsed_filters(model, threshold=0.0) == {
+        "conv1": (0, 32),
+        "conv2": (0, 64),
+        "conv3": (0, 128),
+    }
 
 
 def test_filter_norms_are_l2_norms_per_filter():
@@ -85,8 +115,9 @@ def test_filter_norms_are_l2_norms_per_filter():
 
 
 def test_normalization_is_measured_per_channel_and_applied():
-    images = torch.stack([torch.full((3, 2, 2), 0, dtype=torch.uint8),
-                          torch.full((3, 2, 2), 255, dtype=torch.uint8)])
+    images = torch.stack(
+        [torch.full((3, 2, 2), 0, dtype=torch.uint8), torch.full((3, 2, 2), 255, dtype=torch.uint8)]
+    )
     measured = Normalization.measure(images)
     assert measured.mean == pytest.approx((0.5,) * 3) and measured.std == pytest.approx((0.5,) * 3)
     images[:, 2] = torch.tensor([51, 153], dtype=torch.uint8).view(2, 1, 1)
@@ -102,8 +133,13 @@ def test_normalization_is_measured_per_channel_and_applied():
 
 
 def test_normalization_refuses_bad_statistics():
-    for mean, std in [((0.5,) * 2, (0.2,) * 3), ((0.5,) * 3, (0.2, 0.0, 0.2)),
-                      ((float("nan"),) * 3, (0.2,) * 3), (None, (0.2,) * 3), (("a",) * 3, (0.2,) * 3)]:
+    for mean, std in [
+        ((0.5,) * 2, (0.2,) * 3),
+        ((0.5,) * 3, (0.2, 0.0, 0.2)),
+        ((float("nan"),) * 3, (0.2,) * 3),
+        (None, (0.2,) * 3),
+        (("a",) * 3, (0.2,) * 3),
+    ]:
         with pytest.raises(ConfigError, match="expected three finite numbers each, std > 0"):
             Normalization(mean, std)
     assert Normalization([0.5, 0.5, 0.5], [1, 1, 1]) == Normalization((0.5,) * 3, (1.0,) * 3)

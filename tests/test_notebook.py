@@ -36,7 +36,9 @@ BASE_ENV = {
     for k, v in os.environ.items()
     if not k.startswith(("LABCNN_", "PYTHON", "VIRTUAL_ENV", "JUPYTER"))
 }
-BASE_ENV.update(OMP_NUM_THREADS="1", CI="1", PIP_NO_BUILD_ISOLATION="0", PIP_NO_INPUT="1", PIP_NO_INDEX="1")
+BASE_ENV.update(
+    OMP_NUM_THREADS="1", CI="1", PIP_NO_BUILD_ISOLATION="0", PIP_NO_INPUT="1", PIP_NO_INDEX="1"
+)
 
 
 def student_python(folder: Path) -> Path:
@@ -141,7 +143,9 @@ def test_each_route_installs_labcnn_and_runs_to_the_end(executed, route):
 def test_gifs_are_image_gif_outputs_equal_to_the_committed_files(executed):
     for _, _, notebook in executed.values():
         gifs = [base64.b64decode("".join(g)) for g in outputs(notebook, "image/gif")]
-        expected = [(REPO / "Images" / name).read_bytes() for name in ("convolution.gif", "maxpool.gif")]
+        expected = [
+            (REPO / "Images" / name).read_bytes() for name in ("convolution.gif", "maxpool.gif")
+        ]
         assert gifs == expected
 
 
@@ -165,7 +169,12 @@ def run_setup(python: Path, cwd: Path, repo_url: str = "", times: int = 1):
         "    print('CELL', 'ok' if result.success else 'failed')\n"
     )
     return subprocess.run(
-        [str(python), "-c", code], cwd=cwd, env=BASE_ENV, capture_output=True, text=True, timeout=300
+        [str(python), "-c", code],
+        cwd=cwd,
+        env=BASE_ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
 
 
@@ -180,7 +189,9 @@ def test_a_failed_install_stops_with_pips_last_lines_and_no_traceback(tmp_path, 
     python = student_python(tmp_path / "venv")
     shutil.copytree(origin, tmp_path / "labcnn")
     pyproject = tmp_path / "labcnn" / "pyproject.toml"  # a requirement no index has
-    text = pyproject.read_text().replace("dependencies = [", 'dependencies = ["no-such-labcnn-dep", ')
+    text = pyproject.read_text().replace(
+        "dependencies = [", 'dependencies = ["no-such-labcnn-dep", '
+    )
     pyproject.write_text(text)
     result = run_setup(python, tmp_path)
     out = result.stdout + result.stderr
@@ -205,7 +216,15 @@ def test_a_folder_named_labcnn_is_not_taken_for_labcnn(tmp_path, folder):
 
 def test_the_html_export_embeds_both_gifs(executed, tmp_path):
     work, _, _ = executed["url"]
-    command = [sys.executable, "-m", "jupyter", "nbconvert", "--to", "html", str(work / "out.ipynb")]
+    command = [
+        sys.executable,
+        "-m",
+        "jupyter",
+        "nbconvert",
+        "--to",
+        "html",
+        str(work / "out.ipynb"),
+    ]
     command += ["--output-dir", str(tmp_path)]
     result = subprocess.run(command, env=BASE_ENV, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]

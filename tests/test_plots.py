@@ -1,4 +1,5 @@
 """labcnn.plots: figures, saving and display, committed results, run statistics."""
+
 import errno
 import json
 from pathlib import Path
@@ -7,10 +8,10 @@ import pytest
 import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import to_hex
+from test_results import best_epoch, first_reaching, headline, seconds_to, seed_spread
 
 import labcnn
-from test_results import best_epoch, first_reaching, headline, seconds_to, seed_spread
-from labcnn import WriteError, plots
+from labcnn import WriteError, notebook, plots
 from labcnn.data import CLASSES
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -19,8 +20,15 @@ PNG = b"\x89PNG\r\n\x1a\n"
 def history(epochs: int, val: bool = False, seconds: float = 10.0) -> list[dict]:
     rows = []
     for e in range(1, epochs + 1):
-        row = {"epoch": e, "train_loss": 2 / e, "train_acc": 0.3 + e / 100, "test_loss": 2.1 / e,
-               "test_acc": 0.3 + e / 110, "seconds": seconds, "elapsed_train_seconds": 8.0 * e}
+        row = {
+            "epoch": e,
+            "train_loss": 2 / e,
+            "train_acc": 0.3 + e / 100,
+            "test_loss": 2.1 / e,
+            "test_acc": 0.3 + e / 110,
+            "seconds": seconds,
+            "elapsed_train_seconds": 8.0 * e,
+        }
         rows.append({**row, "val_loss": 2.05 / e, "val_acc": 0.3 + e / 105} if val else row)
     return rows
 
@@ -46,11 +54,19 @@ def clipped_texts(fig) -> list[str]:
     texts = [t for ax in fig.axes for t in (ax.xaxis.label, ax.yaxis.label, ax.title)]
     for axis in (a for ax in fig.axes for a in (ax.xaxis, ax.yaxis)):
         low, high = sorted(axis.get_view_interval())  # ticks outside the view are not drawn
-        ticks = zip(axis.get_ticklabels(), axis.get_ticklocs())
+        ticks = zip(axis.get_ticklabels(), axis.get_ticklocs(), strict=False)
         texts += [t for t, at in ticks if low <= at <= high]
-    return [t.get_text() for t in texts if t.get_text() and not (
-        (e := t.get_window_extent(renderer)).x0 >= box.x0 and e.y0 >= box.y0
-        and e.x1 <= box.x1 and e.y1 <= box.y1)]
+    return [
+        t.get_text()
+        for t in texts
+        if t.get_text()
+        and not (
+            (e := t.get_window_extent(renderer)).x0 >= box.x0
+            and e.y0 >= box.y0
+            and e.x1 <= box.x1
+            and e.y1 <= box.y1
+        )
+    ]
 
 
 def all_figures():
@@ -64,7 +80,8 @@ def all_figures():
         "per_class": plots.plot_per_class([0.1 * c for c in range(10)]),
         "confusion": plots.plot_confusion(confusion),
         "confident_errors": plots.plot_confident_errors(
-            images, labels, predictions, torch.rand(len(labels), generator=g), count=5),
+            images, labels, predictions, torch.rand(len(labels), generator=g), count=5
+        ),
         "filters": plots.plot_filters(torch.randn(6, 3, 2, 2, generator=g), ncols=4),
     }
 
@@ -139,8 +156,11 @@ def test_curve_ticks_are_whole_epochs(epochs):
 def test_curve_labels_say_what_each_split_measures():
     ax = plots.plot_curves(history(3, val=True), "accuracy").axes[0]
     labels = [t.get_text() for t in ax.get_legend().get_texts()]
-    assert labels == ["train (running mean over the epoch, train mode)", "validation (eval mode)",
-                      "test (eval mode)"]
+    assert labels == [
+        "train (running mean over the epoch, train mode)",
+        "validation (eval mode)",
+        "test (eval mode)",
+    ]
     h = history(3)
     assert list(ax.lines[0].get_ydata()) == pytest.approx([100 * r["train_acc"] for r in h])
     assert list(ax.lines[2].get_ydata()) == pytest.approx([100 * r["test_acc"] for r in h])
@@ -183,7 +203,8 @@ def test_confusion_counts_every_cell():
     ax = plots.plot_confusion(confusion).axes[0]
     cells = {(round(t.get_position()[1]), round(t.get_position()[0])): t for t in ax.texts}
     assert {k: int(t.get_text()) for k, t in cells.items()} == {
-        (i, j): 10 * i + j for i in range(10) for j in range(10)}
+        (i, j): 10 * i + j for i in range(10) for j in range(10)
+    }
     assert to_hex(cells[9, 9].get_color()) == "#ffffff"  # white on the darkest cells
     assert to_hex(cells[0, 0].get_color()) == "#000000"
 
@@ -196,8 +217,9 @@ def test_confident_errors_are_the_most_confident_ones():
     chosen = sorted(wrong, key=lambda i: (-confidence[i].item(), i))[:5]
     fig = plots.plot_confident_errors(images, labels, predictions, confidence, count=5)
     titles = [ax.get_title() for ax in fig.axes if ax.images]
-    assert titles == [f"{CLASSES[labels[i]]}\n-> {CLASSES[predictions[i]]} ({confidence[i]:.1%})"
-                      for i in chosen]
+    assert titles == [
+        f"{CLASSES[labels[i]]}\n-> {CLASSES[predictions[i]]} ({confidence[i]:.1%})" for i in chosen
+    ]
     assert fig.get_suptitle().endswith(f"5 of {len(wrong)}")
 
 
@@ -226,20 +248,28 @@ def test_filter_figure_has_one_symmetric_colour_scale_and_marks_collapsed_filter
 
 def test_headline_formats_a_run_as_printed():
     records = history(3, val=True, seconds=824.0)  # 2,472 s of wall time
-    for r, acc in zip(records, (0.5, 0.7, 0.65)):
+    for r, acc in zip(records, (0.5, 0.7, 0.65), strict=False):
         r["test_acc"] = acc
     h = headline(records)
-    assert h == {"final_acc": "65.00%", "final_loss": f"{2.1 / 3:.4f}", "best_epoch": "2",
-                 "best_acc": "70.00%", "wall_time": "41 min 12 s", "train_time": "24 s",
-                 "best_val_epoch": "3", "best_val_acc": f"{0.3 + 3 / 105:.2%}",
-                 "final_val_acc": f"{0.3 + 3 / 105:.2%}", "original_epoch": "2",
-                 "original_seconds": "16 s"}
+    assert h == {
+        "final_acc": "65.00%",
+        "final_loss": f"{2.1 / 3:.4f}",
+        "best_epoch": "2",
+        "best_acc": "70.00%",
+        "wall_time": "41 min 12 s",
+        "train_time": "24 s",
+        "best_val_epoch": "3",
+        "best_val_acc": f"{0.3 + 3 / 105:.2%}",
+        "final_val_acc": f"{0.3 + 3 / 105:.2%}",
+        "original_epoch": "2",
+        "original_seconds": "16 s",
+    }
     assert "original_epoch" not in headline(history(2))  # never reached 69.26%
 
 
 def test_epoch_statistics():
     h = history(5)
-    for r, acc in zip(h, (0.5, 0.7, 0.69, 0.72, 0.6)):
+    for r, acc in zip(h, (0.5, 0.7, 0.69, 0.72, 0.6), strict=False):
         r["test_acc"] = acc
     assert best_epoch(h)["epoch"] == 4
     assert first_reaching(h, 0.69)["epoch"] == 2 and first_reaching(h, 0.8) is None
@@ -277,7 +307,11 @@ def test_binomial_interval_and_the_original_figures():
         with pytest.raises(ValueError):
             plots.binomial_interval(accuracy, n)
     assert {k: v for k, (v, _) in plots.ORIGINAL.items()} == {
-        "test_acc": 0.6926, "train_acc": 0.6742, "train_loss": 0.00907, "test_loss": 0.00946}
+        "test_acc": 0.6926,
+        "train_acc": 0.6742,
+        "train_loss": 0.00907,
+        "test_loss": 0.00946,
+    }
     assert all(meaning for _, meaning in plots.ORIGINAL.values())
 
 
@@ -297,12 +331,12 @@ def installed(tmp_path, monkeypatch):
 
 
 def test_committed_reads_the_checkout_labcnn_is_imported_from(tmp_path, monkeypatch):
-    assert plots.results_dir() == Path(labcnn.__file__).resolve().parents[1] / "results"
+    assert notebook.results_dir() == Path(labcnn.__file__).resolve().parents[1] / "results"
     root = checkout(tmp_path / "repo")
     monkeypatch.setattr(labcnn, "__file__", str(root / "labcnn" / "__init__.py"))
     monkeypatch.chdir(checkout(tmp_path / "other", runs=()))  # the imported checkout comes first
-    assert plots.results_dir() == root / "results"
-    assert plots.committed("lab") == history(2) and plots.committed("absent") is None
+    assert notebook.results_dir() == root / "results"
+    assert notebook.committed("lab") == history(2) and notebook.committed("absent") is None
 
 
 @pytest.mark.parametrize("where", [".", "notebooks", "notebooks/deeper"])
@@ -310,7 +344,7 @@ def test_committed_reads_a_checkout_around_the_working_folder(installed, monkeyp
     root = checkout(installed / "repo")
     (root / where).mkdir(parents=True, exist_ok=True)
     monkeypatch.chdir(root / where)
-    assert plots.results_dir() == root / "results" and plots.committed("lab") == history(2)
+    assert notebook.results_dir() == root / "results" and notebook.committed("lab") == history(2)
 
 
 @pytest.mark.parametrize("cwd", ["colab", "colab/notebooks"])
@@ -318,20 +352,20 @@ def test_committed_reads_a_clone_next_to_the_notebook(installed, monkeypatch, cw
     root = checkout(installed / "colab" / "labcnn")  # ./labcnn, then ../labcnn from notebooks/
     (installed / cwd).mkdir(parents=True, exist_ok=True)
     monkeypatch.chdir(installed / cwd)
-    assert plots.results_dir() == root / "results" and plots.committed("lab") == history(2)
+    assert notebook.results_dir() == root / "results" and notebook.committed("lab") == history(2)
 
 
 def test_committed_is_none_without_a_checkout(installed, monkeypatch):
     (installed / "alone" / "results").mkdir(parents=True)  # results/ alone is not a checkout
     (installed / "alone" / "results" / "lab.json").write_text("[]")
     monkeypatch.chdir(installed / "alone")
-    assert plots.results_dir() is None and plots.committed("lab") is None
-    assert "../labcnn" in plots.RESULTS_PLACES
+    assert notebook.results_dir() is None and notebook.committed("lab") is None
+    assert "../labcnn" in notebook.RESULTS_PLACES
 
 
 def test_committed_names_a_file_that_is_not_json(installed, monkeypatch):
     root = checkout(installed / "repo", runs=())
     (root / "results" / "lab.json").write_text('[{"epoch": 1,')
     monkeypatch.chdir(root)
-    with pytest.raises(ValueError, match=r"lab\.json is not valid JSON"):
-        plots.committed("lab")
+    with pytest.raises(labcnn.LabcnnError, match=r"lab\.json is not JSON"):
+        notebook.committed("lab")

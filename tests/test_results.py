@@ -8,6 +8,7 @@ derived from a history with :mod:`labcnn.plots`, printed in ``results/*.txt`` or
 cells, or quoted from the original report (``plots.ORIGINAL``), so a stale number fails. Nothing
 here names a figure: the documents may quote whichever runs they like.
 """
+
 import contextlib
 import functools
 import io
@@ -18,29 +19,41 @@ import shlex
 from pathlib import Path
 
 import pytest
+from labcnn.harness import format_duration
 
 from labcnn import plots
-from labcnn.train import format_duration
 from labcnn.model import LAB_MEAN, LAB_STD
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "results"
 DOCS = ("README.md", "results/README.md")
 NOTEBOOKS = sorted((REPO / "notebooks").glob("*.ipynb"))
-HISTORIES = {p.stem: json.loads(p.read_text()) for p in sorted(RESULTS.glob("*.json"))
-             if isinstance(json.loads(p.read_text()), list)}
+HISTORIES = {
+    p.stem: json.loads(p.read_text())
+    for p in sorted(RESULTS.glob("*.json"))
+    if isinstance(json.loads(p.read_text()), list)
+}
 # A figure: a percentage with two decimals, a loss with four, or a duration; in a notebook's text
 # also a number with three decimals (its epoch lines print losses so).
 FIGURE = re.compile(r"\b\d{1,3}\.\d\d%|\b\d\.\d{4}\b|\b\d+ min \d+ s\b|\b\d+ h \d\d min\b")
 NOTEBOOK_FIGURE = re.compile(FIGURE.pattern + r"|\b\d\.\d{3}\b")
 HISTORY_NAME = re.compile(r"results/([\w.{},-]+)\.json")
-RELATIVE_TIME = re.compile(r"\b(latest|(earlier|previous|this|last) session|sessions? ago"
-                           r"|session after)\b", re.IGNORECASE)
-CONTENDERS = {"baseline": "(a) baseline", "labcnn": "(b) labcnn", "ceiling": "(c) ceiling",
-              "labcnn_bf16": "(b16) labcnn", "ceiling_bf16": "(c16) ceiling"}
+RELATIVE_TIME = re.compile(
+    r"\b(latest|(earlier|previous|this|last) session|sessions? ago"
+    r"|session after)\b",
+    re.IGNORECASE,
+)
+CONTENDERS = {
+    "baseline": "(a) baseline",
+    "labcnn": "(b) labcnn",
+    "ceiling": "(c) ceiling",
+    "labcnn_bf16": "(b16) labcnn",
+    "ceiling_bf16": "(c16) ceiling",
+}
 
 
 # How the README and results/README.md print a run's figures (derived here, checked below).
+
 
 def best_epoch(history: list[dict], key: str = "test_acc") -> dict:
     return max(history, key=lambda r: r[key])  # for information: never select on the test set
@@ -57,16 +70,25 @@ def seconds_to(history: list[dict], accuracy: float) -> float | None:
 def headline(history: list[dict]) -> dict[str, str]:
     """A run's figures as printed; ``best_val_*``: with validation; ``original_*``: once reached."""
     last, best = history[-1], best_epoch(history)
-    figures = {"final_acc": f"{last['test_acc']:.2%}", "final_loss": f"{last['test_loss']:.4f}",
-               "best_epoch": str(best["epoch"]), "best_acc": f"{best['test_acc']:.2%}",
-               "wall_time": format_duration(sum(r["seconds"] for r in history)),
-               "train_time": format_duration(last["elapsed_train_seconds"])}
+    figures = {
+        "final_acc": f"{last['test_acc']:.2%}",
+        "final_loss": f"{last['test_loss']:.4f}",
+        "best_epoch": str(best["epoch"]),
+        "best_acc": f"{best['test_acc']:.2%}",
+        "wall_time": format_duration(sum(r["seconds"] for r in history)),
+        "train_time": format_duration(last["elapsed_train_seconds"]),
+    }
     if val := "val_acc" in last and best_epoch(history, "val_acc"):
-        figures.update(best_val_epoch=str(val["epoch"]), best_val_acc=f"{val['val_acc']:.2%}",
-                       final_val_acc=f"{last['val_acc']:.2%}")
+        figures.update(
+            best_val_epoch=str(val["epoch"]),
+            best_val_acc=f"{val['val_acc']:.2%}",
+            final_val_acc=f"{last['val_acc']:.2%}",
+        )
     if reached := first_reaching(history, plots.ORIGINAL["test_acc"][0]):
-        figures.update(original_epoch=str(reached["epoch"]),
-                       original_seconds=f"{reached['elapsed_train_seconds']:.0f} s")
+        figures.update(
+            original_epoch=str(reached["epoch"]),
+            original_seconds=f"{reached['elapsed_train_seconds']:.0f} s",
+        )
     return figures
 
 
@@ -111,8 +133,9 @@ def seed_groups() -> dict[str, list[list[dict]]]:
 
 def original() -> set[str]:
     """The original report's figures as quoted: accuracies in percent, losses times 100."""
-    return {f"{v:.2%}" if "acc" in key else f"{100 * v:.3f}" for key, (v, _) in
-            plots.ORIGINAL.items()}
+    return {
+        f"{v:.2%}" if "acc" in key else f"{100 * v:.3f}" for key, (v, _) in plots.ORIGINAL.items()
+    }
 
 
 def derived(history: list[dict]) -> set[str]:
@@ -173,21 +196,30 @@ def row_problems(row: str) -> list[str]:
     if f["final_acc"] not in row:
         problems.append(f"the final test accuracy {f['final_acc']} is missing")
     pairs = {(f["best_epoch"], f["best_acc"]), (f.get("best_val_epoch"), f.get("best_val_acc"))}
-    problems += [f"epoch {e} ({a}) is neither the best test nor the best validation epoch"
-                 for e, a in re.findall(r"\b(\d+) \((\d{1,3}\.\d\d%)\)", row)
-                 if (e, a) not in pairs]
-    problems += [f"best test epoch {e}, not {f['best_epoch']}"
-                 for e in re.findall(r"\btest: (\d+)\b", row) if e != f["best_epoch"]]
+    problems += [
+        f"epoch {e} ({a}) is neither the best test nor the best validation epoch"
+        for e, a in re.findall(r"\b(\d+) \((\d{1,3}\.\d\d%)\)", row)
+        if (e, a) not in pairs
+    ]
+    problems += [
+        f"best test epoch {e}, not {f['best_epoch']}"
+        for e in re.findall(r"\btest: (\d+)\b", row)
+        if e != f["best_epoch"]
+    ]
     reached = (f.get("original_epoch"), f.get("original_seconds"))
-    problems += [f"69.26% first reached at epoch {e}, {s}, not {reached}"
-                 for e, s in re.findall(r"\bepoch (\d+), (\d+ s)\b", row) if (e, s) != reached]
+    problems += [
+        f"69.26% first reached at epoch {e}, {s}, not {reached}"
+        for e, s in re.findall(r"\bepoch (\d+), (\d+ s)\b", row)
+        if (e, s) != reached
+    ]
     return problems
 
 
 @pytest.mark.parametrize("name", DOCS)
 def test_table_rows_match_the_histories_they_name(name):
-    problems = {row[:60]: p for row in table_rows(doc(name)) if named(row)
-                for p in [row_problems(row)] if p}
+    problems = {
+        row[:60]: p for row in table_rows(doc(name)) if named(row) for p in [row_problems(row)] if p
+    }
     assert not problems, f"{name}: rows that do not match their histories: {problems}"
 
 
@@ -212,8 +244,9 @@ def test_times_to_accuracy_come_from_the_histories(name):
     """``80%: 2060 s``: the training seconds some committed history took to reach 80%."""
     for target, seconds in re.findall(r"\b(\d\d)%: (\d+) s\b", doc(name)):
         reached = {seconds_to(h, int(target) / 100) for h in HISTORIES.values()}
-        assert f"{seconds} s" in {f"{s:.0f} s" for s in reached if s is not None}, \
+        assert f"{seconds} s" in {f"{s:.0f} s" for s in reached if s is not None}, (
             f"{name}: no committed history reached {target}% after {seconds} s"
+        )
 
 
 def filter_counts(text: str) -> set[tuple[str, str, str]]:
@@ -224,8 +257,11 @@ def filter_counts(text: str) -> set[tuple[str, str, str]]:
 def test_collapsed_filter_counts_come_from_the_committed_counts(name):
     known = filter_counts(printed() + notebook_outputs())
     for path in RESULTS.glob("*-filters.json"):
-        known |= {(conv, str(n), str(total)) for counts in json.loads(path.read_text()).values()
-                  for conv, (n, total) in counts.items()}
+        known |= {
+            (conv, str(n), str(total))
+            for counts in json.loads(path.read_text()).values()
+            for conv, (n, total) in counts.items()
+        }
     stale = filter_counts(doc(name)) - known
     assert not stale, f"{name}: filter counts found in no committed output: {sorted(stale)}"
 
@@ -240,7 +276,7 @@ def test_speed_tables_match_the_committed_bench_output(name):
     """A contenders table holds the figures of the ``results/bench*.txt`` named last before it."""
     text = doc(name)
     for table in re.finditer(r"(?m)^\| \(a\) baseline.*(?:\n\|.*)*", text):
-        source = re.findall(r"results/bench[\w.-]*\.txt", text[:table.start()])
+        source = re.findall(r"results/bench[\w.-]*\.txt", text[: table.start()])
         assert source, f"{name}: a contenders table with no results/bench*.txt named before it"
         result = bench_result(REPO / source[-1])
         rows = table_rows(table.group())
@@ -250,22 +286,28 @@ def test_speed_tables_match_the_committed_bench_output(name):
             if row:
                 cells = [c.strip() for c in row[0].split("|")[2:5]]
                 img_s = result[f"{key}_img_s"]
-                assert cells == [f"{img_s:.0f}", f"{result['median_img_s'][key]:.0f}",
-                                 f"{50_000 / img_s:.1f}"], f"{name}: {source[-1]}, {label}"
+                assert cells == [
+                    f"{img_s:.0f}",
+                    f"{result['median_img_s'][key]:.0f}",
+                    f"{50_000 / img_s:.1f}",
+                ], f"{name}: {source[-1]}, {label}"
 
 
 @pytest.mark.parametrize("name", DOCS)
 def test_bench_ratios_come_from_a_committed_bench_output(name):
     results = [bench_result(p) for p in sorted(RESULTS.glob("bench*.txt"))]
-    phrases = {"speedup_vs_baseline": r"times as fast as the tutorial",
-               "fraction_of_ceiling": r"of the ceiling",
-               "fraction_of_ceiling_bf16": r"of the bfloat16 ceiling",
-               "fraction_of_fastest_ceiling": r"of the faster ceiling"}
+    phrases = {
+        "speedup_vs_baseline": r"times as fast as the tutorial",
+        "fraction_of_ceiling": r"of the ceiling",
+        "fraction_of_ceiling_bf16": r"of the bfloat16 ceiling",
+        "fraction_of_fastest_ceiling": r"of the faster ceiling",
+    }
     text = " ".join(doc(name).split())
     for key, phrase in phrases.items():
         for value in re.findall(rf"\b(\d\.\d\d) {phrase}", text):
-            assert value in {f"{r[key]:.2f}" for r in results if key in r}, \
+            assert value in {f"{r[key]:.2f}" for r in results if key in r}, (
                 f"{name}: '{value} {phrase}' is in no committed bench output"
+            )
 
 
 def command_units(text: str) -> list[str]:
@@ -296,15 +338,19 @@ def parse_error(command: str) -> str | None:
 def test_results_commands_use_options_that_exist():
     """Every ``python -m labcnn ...`` in results/README.md parses, unless it says it was run with
     an earlier labcnn; then it needs an option since removed, so the remark stays true."""
-    units = [(u, re.findall(r"`(python -m labcnn [^`]*)`", u))
-             for u in command_units(doc("results/README.md"))]
+    units = [
+        (u, re.findall(r"`(python -m labcnn [^`]*)`", u))
+        for u in command_units(doc("results/README.md"))
+    ]
     assert any(commands for _, commands in units), "results/README.md shows no command"
     for unit, commands in (u for u in units if u[1]):
         errors = [parse_error(c) for c in commands]
         if "earlier labcnn" in unit:
             assert any(errors), f"all of {commands} run today: drop 'an earlier labcnn'"
         else:
-            assert not any(errors), f"{[(c, e) for c, e in zip(commands, errors) if e]}"
+            assert not any(errors), (
+                f"{[(c, e) for c, e in zip(commands, errors, strict=False) if e]}"
+            )
 
 
 @pytest.mark.parametrize("name", DOCS)
@@ -323,8 +369,9 @@ def test_the_checks_can_fail():
     assert row_problems(good) == []
     assert row_problems(good.replace(f["final_acc"], "12.34%"))
     assert row_problems(good.replace(name, "no-such-run"))
-    assert RELATIVE_TIME.search("measured in the Latest session") and \
-        not RELATIVE_TIME.search("on the AVX2 CPU")
+    assert RELATIVE_TIME.search("measured in the Latest session") and not RELATIVE_TIME.search(
+        "on the AVX2 CPU"
+    )
     assert expand("fast-seed{1,2}") == ["fast-seed1", "fast-seed2"]
 
 
