@@ -43,7 +43,7 @@ def load_cifar10(root, train=True, download=False, verify=True, url: str | None 
     """One split: uint8 ``[N, 3, 32, 32]`` RGB, int64 ``[N]`` labels; DataError, WriteError."""
     root, url = Path(root).expanduser().absolute(), url or URL
     try:
-        if root.exists() and not root.is_dir():
+        if root.is_symlink() and not root.exists() or root.exists() and not root.is_dir():
             raise DataError(wrong_kind(root))
         folders = [root, *(p for p in visible(root) if p.is_dir())] if root.is_dir() else [root]
         found = [hit for folder in folders for hit in layouts_in(folder)]

@@ -50,7 +50,9 @@ def usable_cpus() -> tuple[int, int]:
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else total
     for files in (("cpu.max",), ("cpu/cpu.cfs_quota_us", "cpu/cpu.cfs_period_us")):
         try:
-            words = " ".join(Path("/sys/fs/cgroup", f).read_text() for f in files).split()
+            words = " ".join(
+                Path("/sys/fs/cgroup", f).read_text(encoding="ascii") for f in files
+            ).split()
             if words[0] not in ("max", "-1"):  # quota and period, in microseconds
                 usable = min(usable, max(1, int(words[0]) // int(words[1])))
         except (OSError, ValueError, IndexError, ZeroDivisionError):

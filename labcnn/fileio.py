@@ -155,7 +155,7 @@ def run_lock(folder):
     file, the run goes on after one warning; another flock failure is a WriteError."""
     lock, tip = Path(folder) / ".lock", "make sure no other run trains into it"
     try:
-        handle = open(lock, "a") if fcntl is not None else None  # noqa: SIM115 (held for the block)
+        handle = open(lock, "ab") if fcntl is not None else None  # noqa: SIM115 (held for the block)
     except OSError as e:
         handle = None
         warn_once(f"cannot lock {folder} ({reason(e)}): {tip}")

@@ -53,7 +53,8 @@ def without_root_override(command: list[str]) -> list[str]:
     setpriv = shutil.which("setpriv")
     if setpriv is None:
         pytest.skip(
-            "running as root, which ignores permission bits, and util-linux setpriv (to drop that) is missing"
+            "running as root, which ignores permission bits, and util-linux setpriv "
+            "(to drop that) is missing"
         )
     drop = [
         setpriv,

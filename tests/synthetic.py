@@ -88,7 +88,7 @@ def write_png(image, path: Path) -> None:
 def make_dataset(
     root: Path, layout: str, train_per_class: int = 20, test_per_class: int = 5, seed: int = 0
 ):
-    """Write a synthetic data set in ``layout`` (``"batches"``, ``"archive"`` or ``"tree"``) under ``root``.
+    """Write a synthetic data set in ``layout`` (batches, archive or tree) in ``root``.
 
     Returns ``(train, test)``, each ``(images, labels)`` as written, in label order.
     """

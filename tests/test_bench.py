@@ -6,13 +6,13 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from labcnn.device import bf16_absence
-from labcnn.settings import make_config
 from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks import bench
 from labcnn import ConfigError
+from labcnn.device import bf16_absence
 from labcnn.model import LabCNN
+from labcnn.settings import make_config
 
 KEYS = {
     "baseline_img_s",

@@ -13,13 +13,13 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import QUICK, quiet, without_times
-from labcnn.settings import config_dict, make_config
-from labcnn.harness import train as fit
-from labcnn.lab import evaluate
 
 from labcnn import CheckpointError, WriteError
 from labcnn import checkpoint as C
+from labcnn.harness import train as fit
+from labcnn.lab import evaluate
 from labcnn.model import LAB_NORMALIZATION, LabCNN, Normalization, Trained
+from labcnn.settings import config_dict, make_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 RUN_FILES = [".lock", "accuracy.png", "checkpoint.pt", "history.json", "loss.png"]
@@ -33,7 +33,7 @@ def stop_after_epoch_1(line):
 
 @pytest.fixture(scope="module")
 def run(tree_data, tmp_path_factory):
-    """A run folder of ``CONFIG`` stopped after epoch 1 of 2, and the uninterrupted run's history."""
+    """A run folder of ``CONFIG`` stopped after epoch 1 of 2; the uninterrupted run's history."""
     _, train, test = tree_data
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -82,7 +82,8 @@ BAD_FILES = {
     "python object": r"{path} holds pickled Python objects \(such as a whole model saved with "
     r"torch.save\(model\)\), .*: save model.state_dict\(\) instead",
     "whole model": r"{path} holds pickled Python objects .*save model.state_dict\(\) instead",
-    "other model": r"{path} holds weights of another model, not LabCNN's \(missing \['conv1.0.weight', "
+    "other model": r"{path} holds weights of another model, not LabCNN's "
+    r"\(missing \['conv1.0.weight', "
     r".*unexpected \['weight', 'bias'\]\); " + ACCEPTED,
     "other keys": r"{path} holds weights of another model, not LabCNN's \(unexpected \['weight', "
     r"'bias'\]\); " + ACCEPTED,
@@ -95,7 +96,8 @@ BAD_FILES = {
     # issue 19, case 7: never evaluated as a bare state dict with the lab's normalization
     "newer format": r"{path} comes from a newer labcnn \(format labcnn-checkpoint-99; .*\): "
     r"update labcnn.*",
-    "unknown setting": r"{path} holds settings this labcnn does not know \(mixup\): it comes from a "
+    "unknown setting": r"{path} holds settings this labcnn does not know \(mixup\): it comes "
+    r"from a "
     r"newer labcnn; update labcnn.*",
     "removed feature": r"{path} uses ema, which this labcnn no longer has.*",
 }
@@ -498,7 +500,9 @@ def test_weights_torch_would_load_evaluate(tmp_path, save):
 
 def test_a_run_folder_given_as_a_checkpoint_names_the_file_inside(tmp_path):
     torch.save(LabCNN().state_dict(), tmp_path / "checkpoint.pt")
-    with pytest.raises(CheckpointError, match=f"^{re.escape(str(tmp_path))} is a run folder: pass "):
+    with pytest.raises(
+        CheckpointError, match=f"^{re.escape(str(tmp_path))} is a run folder: pass "
+    ):
         C.load_trained(tmp_path)
     (tmp_path / "link.pt").symlink_to(tmp_path / "gone.pt")
     with pytest.raises(CheckpointError, match="is a broken link to .*gone.pt"):

@@ -5,20 +5,24 @@ import argparse
 import contextlib
 import io
 import json
+import shlex
 import shutil
+import signal
+import subprocess
+import sys
 import urllib.error
 import warnings
 
 import pytest
 import torch
-from helpers import QUICK
-from labcnn.device import select_device
-from labcnn.settings import RANGES
+from helpers import ENV, QUICK
 
 from labcnn import checkpoint as K
 from labcnn import cli
 from labcnn.cli import main
+from labcnn.device import select_device
 from labcnn.fileio import write_json
+from labcnn.settings import RANGES
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 QUICK_ARGS = [
@@ -143,7 +147,8 @@ def test_user_errors_are_one_line_not_a_traceback(tmp_path, capsys):
         ),
         (
             ["train", "--out", "x", "--epochs", "a: b"],
-            "error: python -m labcnn train: argument --epochs: expected an integer >= 1, got 'a: b'",
+            "error: python -m labcnn train: argument --epochs: expected an integer >= 1, "
+            "got 'a: b'",
         ),
         (
             ["train", "--out", "x", "--amp", "native"],
@@ -544,3 +549,123 @@ def test_an_exported_state_dict_verifies_with_its_history_beside_it(run, tmp_pat
         f"MISMATCH: {tmp_path}/lab.json differs from the history saved in {tmp_path}/lab.pt"
         in printed
     )
+
+
+# --- processes that are not a terminal session (issue 26) ---------------------------------------
+
+
+def train_command(root, out, epochs=2):
+    """``python -m labcnn train`` on the QUICK settings, as a subprocess's argument list."""
+    return [sys.executable, "-m", "labcnn", "train", "--data-dir", str(root), "--out", str(out)] + [
+        "--epochs", str(epochs), "--batch-size", "32", "--lr", "0.001", "--subset", "100",
+        "--device", "cpu",
+    ]  # fmt: skip
+
+
+def test_training_without_a_stderr_writes_every_epoch(tree_data, tmp_path):
+    """pythonw and ``2>&-``: Python starts with sys.stderr None; no progress bar, no message."""
+    root, _, _ = tree_data
+    out = tmp_path / "run"
+    result = subprocess.run(
+        " ".join(map(shlex.quote, train_command(root, out))) + " 2>&-",
+        shell=True, env=ENV, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout
+    assert len(json.loads((out / "history.json").read_text())) == 2
+
+
+def test_output_piped_into_a_reader_that_exits_does_not_stop_training(tree_data, tmp_path):
+    """``train ... | head -n 2`` (pypa/pip#5907): the run goes on to its last epoch, quietly."""
+    root, _, _ = tree_data
+    out = tmp_path / "run"
+    command = " ".join(map(shlex.quote, train_command(root, out, epochs=3)))
+    result = subprocess.run(
+        f"set -o pipefail; {command} | head -n 1", shell=True, executable="/bin/bash", env=ENV,
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.stdout.startswith("data: ") and result.stdout.count("\n") == 1
+    assert "Traceback" not in result.stderr and "BrokenPipe" not in result.stderr
+    assert len(json.loads((out / "history.json").read_text())) == 3
+    evaluate = f"{sys.executable} -m labcnn evaluate --checkpoint {out}/checkpoint.pt "
+    evaluate += f"--data-dir {root} | head -n 1"
+    result = subprocess.run(evaluate, shell=True, env=ENV, capture_output=True, text=True)
+    assert result.stderr == "" and result.stdout.count("\n") == 1
+
+
+@pytest.mark.parametrize("name", ["SIGTERM", "SIGHUP"])
+def test_sigterm_and_sighup_end_as_ctrl_c_does(tree_data, tmp_path, name):
+    """Slurm preemption, ``docker stop``, a closed terminal: saved epochs kept, one line, the
+    status 128 + N, and the same command resumes to the end."""
+    root, _, _ = tree_data
+    out = tmp_path / "run"
+    proc = subprocess.Popen(
+        train_command(root, out, epochs=30), env=ENV, text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        for line in proc.stdout:
+            if line.startswith("epoch 1/"):
+                break
+        proc.send_signal(getattr(signal, name))
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 128 + getattr(signal, name)
+    resume = f"completed epochs are saved in {out}; run the same command to resume"
+    assert err.strip() == f"stopped by {name}: {resume}"
+    saved = json.loads((out / "history.json").read_text())
+    assert saved and not list(out.glob(".labcnn-*.tmp"))  # no half-written file left
+    again = subprocess.Popen(train_command(root, out, epochs=30), env=ENV, text=True,
+                             stdout=subprocess.PIPE)  # fmt: skip
+    try:
+        lines = [next(again.stdout) for _ in range(len(saved) + 3)]
+    finally:
+        again.kill()
+        again.communicate()
+    assert f"resuming: {len(saved)} of 30 epochs restored from {out}\n" in lines
+
+
+def test_an_unusable_mplbackend_falls_back_to_agg_with_one_warning(tree_data, tmp_path):
+    """``MPLBACKEND=module://matplotlib_inline.backend_inline`` inherited from Jupyter by a
+    Python without that module (kohya-ss/sd-scripts#2521): curves and GIFs are still drawn."""
+    root, _, _ = tree_data
+    env = {**ENV, "MPLBACKEND": "module://no_such_backend_module.backend"}
+    out = tmp_path / "run"
+    result = subprocess.run(train_command(root, out), env=env, capture_output=True, text=True)
+    assert result.returncode == 0 and "Traceback" not in result.stderr
+    assert result.stderr.count("warning: matplotlib backend") == 1
+    assert (out / "loss.png").is_file() and (out / "accuracy.png").is_file()
+    gifs = subprocess.run(
+        [sys.executable, "-m", "labcnn", "gifs", "--out", str(tmp_path / "gifs")],
+        env=env, capture_output=True, text=True, cwd=tmp_path,
+    )  # fmt: skip
+    assert gifs.returncode == 0 and (tmp_path / "gifs" / "maxpool.gif").is_file(), gifs.stderr
+
+
+def test_every_text_file_is_read_and_written_as_utf8_whatever_the_locale(run, tmp_path):
+    """A locale whose encoding is not UTF-8 (GBK on Chinese Windows: jupyter/nbconvert#1868;
+    here the C locale, ASCII, without Python's coercion to UTF-8): verify and gifs read and write
+    a notebook holding non-ASCII text. (ruff's PLW1514 keeps every open() explicit.)"""
+    root, out, _ = run
+    env = {**ENV, "LC_ALL": "C", "LANG": "C", "PYTHONCOERCECLOCALE": "0", "PYTHONUTF8": "0"}
+    probe = [sys.executable, "-c", "import locale; print(locale.getpreferredencoding())"]
+    encoding = subprocess.run(probe, env=env, capture_output=True, text=True).stdout.strip()
+    if encoding.lower().replace("-", "") == "utf8":
+        pytest.skip("this Python reads the C locale as UTF-8")
+    history = json.loads((out / "history.json").read_text(encoding="utf-8"))
+    accuracy = f"{history[-1]['test_acc']:.2%}"
+    good = notebook(tmp_path / "report.ipynb", "é 测试 ✓", f"final test accuracy {accuracy}")
+    cells = json.loads(good.read_text(encoding="utf-8"))
+    cells["cells"].append({"cell_type": "code", "source": 'show_gif("maxpool")', "metadata": {},
+                           "outputs": [{"output_type": "display_data", "metadata": {},
+                                        "data": {"image/gif": "R0lG"}}]})  # fmt: skip
+    good.write_text(json.dumps(cells, ensure_ascii=False), encoding="utf-8")  # raw UTF-8 bytes
+    base = [sys.executable, "-m", "labcnn"]
+    for command in (
+        ["verify", out, "--data-dir", root, "--notebook", good],
+        ["gifs", "--out", tmp_path / "gifs", "--notebook", good],
+    ):
+        result = subprocess.run([*base, *map(str, command)], env=env, capture_output=True)
+        assert result.returncode == 0, (encoding, command, result.stderr.decode()[-2000:])
+    text = good.read_text(encoding="utf-8")
+    assert "é 测试 ✓" in text and '"R0lG"' not in text  # refreshed; the text kept whole

@@ -11,12 +11,12 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import ENV
-from labcnn.settings import RANGES, RECIPES, make_config
 
 from labcnn import ConfigError, DeviceError
 from labcnn import device as D
 from labcnn import notebook as N
 from labcnn import settings as S
+from labcnn.settings import RANGES, RECIPES, make_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -1122,3 +1122,62 @@ def test_the_real_copy_loads_whole_then_from_its_cache(real_copy, monkeypatch):
     monkeypatch.setattr(data, "decode", lambda p: pytest.fail("decoded although cached"))
     assert sha(load_cifar10(root, train=False)) == sha((images, labels))  # from the cache
     assert len(list(root.glob(".labcnn-test-*.pt"))) == 1
+
+
+# ---------------------------------------------------------------- links and paths of the wrong kind
+
+
+def test_linked_data_loads_as_files_do_and_a_broken_link_is_named(tmp_path, layout):
+    """Shared course folders, DVC, git-annex and DataLad (datalad/datalad#6973) link files."""
+    store, root = tmp_path / "store", tmp_path / "data"
+    train, _ = small(store, layout)
+    shutil.copytree(store, root, symlinks=True)
+    files = [p for p in root.rglob("*") if p.is_file() and not p.name.startswith(".")]
+    for p in files:  # every file a link into the store, as git-annex leaves a checkout
+        p.unlink()
+        p.symlink_to(store / p.relative_to(root))
+    assert sha(load(root)) == sha(train)
+    if layout == "archive":  # extracted beside the link: the archive is not read again
+        return
+    target = store / files[0].relative_to(root)
+    target.unlink()
+    for p in store.rglob(".labcnn-*.pt"):  # the decode cache would hide the missing image
+        p.unlink()
+    for p in root.rglob(".labcnn-*.pt"):
+        p.unlink()
+    split = "test" in files[0].parts
+    with pytest.raises(DataError, match=f"^{re.escape(str(files[0]))} is a broken link to "):
+        load(root, train=not split)
+
+
+@pytest.mark.parametrize("kind", ["archive", "batch file", "split of a tree", "broken link"])
+def test_a_path_of_the_wrong_kind_says_what_it_is_and_what_to_pass(tmp_path, kind):
+    """ONN4MST#3, ISosnovik/top#3: the archive or a batch file passed as the data folder."""
+    if kind == "archive":
+        path = write_archive(tmp_path, make_images(1), make_images(1, seed=1))
+        expected = f"{path} is an archive, not a folder: pass the folder that holds it"
+    elif kind == "batch file":
+        path = write_batches(tmp_path / "b", make_images(1), make_images(1, seed=1)) / "test_batch"
+        expected = f"{path} is a CIFAR-10 batch file, not a folder: pass the folder that holds it"
+    elif kind == "split of a tree":
+        small(tmp_path, "tree")
+        path = tmp_path / "train"
+        expected = f"{path} is a folder of class folders, one split of an image tree: pass"
+    else:
+        path = tmp_path / "data"
+        path.symlink_to(tmp_path / "unmounted")
+        expected = f"{path} is a broken link to {tmp_path / 'unmounted'}"
+    with pytest.raises(DataError) as info:
+        load(path)
+    assert str(info.value).startswith(expected) and "\n" not in str(info.value)
+
+
+def test_a_stale_scratch_folder_of_a_killed_extraction_is_removed(tmp_path):
+    """SIGKILL in the middle of an extraction leaves a hidden scratch folder (30 MB)."""
+    write_archive(tmp_path, make_images(2), make_images(1, seed=1))
+    stale = tmp_path / ".cifar-10-batches-py.killed.tmp"
+    stale.mkdir()
+    (stale / "data_batch_1").write_bytes(b"half")
+    os.utime(stale, (0, 0))  # older than any extraction takes
+    load(tmp_path)
+    assert not stale.exists()

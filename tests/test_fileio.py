@@ -167,16 +167,15 @@ def test_a_staged_folder_appears_whole_or_not_at_all(tmp_path):
     with F.staged_dir(target) as scratch:  # another process put it in place first: kept
         (scratch / "other").write_bytes(b"y")
     assert os.listdir(tmp_path) == ["batches"] and os.listdir(target) == ["whole"]
-    with pytest.raises(WriteError, match=f"cannot write {tmp_path}/missing"):
-        with F.staged_dir(tmp_path / "missing" / "x"):
-            pass
+    missing = pytest.raises(WriteError, match=f"cannot write {tmp_path}/missing")
+    with missing, F.staged_dir(tmp_path / "missing" / "x"):
+        pass
 
 
 def test_run_lock_refuses_a_second_holder_and_is_released(tmp_path):
-    with F.run_lock(tmp_path):
-        with pytest.raises(RunFolderBusy, match=f"{tmp_path} is in use by another training"):
-            with F.run_lock(tmp_path):
-                pass
+    busy = pytest.raises(RunFolderBusy, match=f"{tmp_path} is in use by another training")
+    with F.run_lock(tmp_path), busy, F.run_lock(tmp_path):
+        pass
     with F.run_lock(tmp_path):  # released at the end of the block
         pass
 
@@ -226,9 +225,9 @@ def test_training_on_nfs_without_lockd_goes_on_with_one_warning(
 @pytest.mark.skipif(F.fcntl is None, reason="no fcntl (Windows)")
 def test_other_lock_failures_are_not_hidden(tmp_path, monkeypatch):
     no_locks(monkeypatch, errno.EIO)
-    with pytest.raises(WriteError, match=f"cannot write {tmp_path}/.lock \\(Input/output error\\)"):
-        with F.run_lock(tmp_path):
-            pass
+    refused = pytest.raises(WriteError, match=f"cannot write {tmp_path}/.lock \\(Input/output")
+    with refused, F.run_lock(tmp_path):
+        pass
 
 
 def test_warn_once(recwarn):
@@ -347,3 +346,67 @@ def test_unwritable_folders_give_one_cannot_write_line(tree_data, tmp_path):
         assert len(errors) == 1 and errors[0].startswith(f"error: cannot write {locked / name}")
         assert "(Permission denied)" in errors[0]
     assert blocks[1][1][0].startswith(f"warning: cannot lock {locked / 'run'} (Permission denied)")
+
+
+# --- file systems that refuse an operation, names at the limit (issue 26) -----------------------
+
+
+def refusing(error: OSError):
+    """An ``os.fsync`` that raises ``error``, as a file system without fsync answers."""
+
+    def fsync(fd):
+        raise error
+
+    return fsync
+
+
+def test_any_name_the_file_system_accepts_is_written_atomically(tmp_path):
+    """npm/write-file-atomic#63: a temporary name longer than the target's fails near 255 bytes."""
+    limit = os.pathconf(tmp_path, "PC_NAME_MAX")
+    for length in (limit - 12, limit):
+        path = tmp_path / ("x" * (length - 5) + ".json")
+        F.write_json(path, {"length": length})
+        assert json.loads(path.read_text(encoding="utf-8")) == {"length": length}
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+
+
+@pytest.mark.parametrize("code", [errno.EINVAL, errno.EOPNOTSUPP, errno.ENOSYS])
+def test_a_file_system_without_fsync_warns_once_and_writes(tmp_path, monkeypatch, code):
+    """Some CIFS, vboxsf and FUSE mounts refuse fsync (borgbackup/borg#1287)."""
+    F.warn_once.cache_clear()
+    monkeypatch.setattr(os, "fsync", refusing(OSError(code, os.strerror(code))))
+    with pytest.warns(UserWarning, match=f"cannot fsync in {tmp_path}") as caught:
+        for i in range(3):
+            F.write_json(tmp_path / f"{i}.json", [i])
+    assert len(caught) == 1 and json.loads((tmp_path / "2.json").read_text(encoding="utf-8")) == [2]
+
+
+def test_an_fsync_that_fails_otherwise_keeps_the_previous_file(tmp_path, monkeypatch):
+    F.write_json(tmp_path / "a.json", ["old"])
+    monkeypatch.setattr(os, "fsync", refusing(OSError(errno.EIO, "Input/output error")))
+    with pytest.raises(WriteError, match="Input/output error"):
+        F.write_json(tmp_path / "a.json", ["new"])
+    assert json.loads((tmp_path / "a.json").read_text(encoding="utf-8")) == ["old"]
+    assert os.listdir(tmp_path) == ["a.json"]
+
+
+def test_a_finished_run_on_read_only_storage_is_shown_without_a_write(tree_data, tmp_path):
+    """A course share or a mounted results folder: replaying a finished run writes nothing."""
+    root, _, _ = tree_data
+    out = tmp_path / "run"
+    command = [sys.executable, "-m", "labcnn", "train", "--data-dir", str(root), "--out", str(out)]
+    command += [*TRAIN, "--subset", "100"]
+    assert subprocess.run(command, env=ENV, capture_output=True).returncode == 0
+    before = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in out.iterdir()}
+    for p in [out, *out.iterdir()]:
+        p.chmod(p.stat().st_mode & ~(stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH))
+    try:
+        replay = subprocess.run(
+            without_root_override(command), env=ENV, capture_output=True, text=True
+        )
+    finally:
+        for p in [out, *out.iterdir()]:
+            p.chmod(p.stat().st_mode | stat.S_IWUSR)
+    assert replay.returncode == 0 and replay.stderr == "", replay.stderr
+    assert "run complete: 1 of 1 epochs restored" in replay.stdout
+    assert {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in out.iterdir()} == before

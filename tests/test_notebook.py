@@ -76,7 +76,7 @@ def origin(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def executed(tmp_path_factory, origin):
-    """Both routes at once (two processes for two cores): ``{route: (folder, python, notebook)}``."""
+    """Both routes at once (a process per core): ``{route: (folder, python, notebook)}``."""
     served = tmp_path_factory.mktemp("mirror")
     write_archive(served, make_images(30), make_images(10, seed=1))
     runs = {}

@@ -19,9 +19,9 @@ import shlex
 from pathlib import Path
 
 import pytest
-from labcnn.harness import format_duration
 
 from labcnn import plots
+from labcnn.harness import format_duration
 from labcnn.model import LAB_MEAN, LAB_STD
 
 REPO = Path(__file__).resolve().parents[1]

@@ -1,5 +1,6 @@
-"""labcnn.train: the split, the batches and their augmentation, one epoch, evaluation, and fit:
-learning, seeding, resuming, divergence, interruption, and what a run folder holds after each epoch."""
+"""labcnn.lab and labcnn.harness: the split, the batches and their augmentation, one epoch,
+evaluation, fit; learning, seeding, resuming, divergence, interruption, and what a run folder
+holds after each epoch."""
 
 import json
 import math
@@ -13,8 +14,6 @@ import time
 import pytest
 import torch
 from helpers import ENV, QUICK, quiet, without_times
-from labcnn.device import amp_dtype
-from labcnn.settings import RECIPES, make_config
 from synthetic import load, make_dataset, make_images
 from torchvision.transforms.v2 import functional as TF
 
@@ -23,7 +22,9 @@ from labcnn import harness as H
 from labcnn import lab as T
 from labcnn.checkpoint import load_checkpoint
 from labcnn.data import load_cifar10
+from labcnn.device import amp_dtype
 from labcnn.model import LAB_NORMALIZATION, LabCNN, Trained
+from labcnn.settings import RECIPES, make_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 RUN_FILES = [".lock", "accuracy.png", "checkpoint.pt", "history.json", "loss.png"]
@@ -238,7 +239,8 @@ def test_loss_falls_and_accuracy_beats_chance(tree_data):
 def test_same_seed_same_history(tree_data):
     _, train, test = tree_data
     runs = [
-        H.train(make_config(**QUICK), train, test, device="cpu", log=quiet).history for _ in range(2)
+        H.train(make_config(**QUICK), train, test, device="cpu", log=quiet).history
+        for _ in range(2)
     ]
     assert without_times(runs[0]) == without_times(runs[1])
     other = H.train(
@@ -398,8 +400,9 @@ def test_divergence_names_epoch_and_step(tree_data, tmp_path, monkeypatch):
             log=quiet,
         )
     assert str(info.value) == (
-        f"the training loss became nan at step 3 of epoch 2; {tmp_path / 'checkpoint.pt'} (epoch 1, all "
-        "figures finite) is kept. Lower the learning rate and train into a new run folder"
+        f"the training loss became nan at step 3 of epoch 2; {tmp_path / 'checkpoint.pt'} "
+        "(epoch 1, all figures finite) is kept. Lower the learning rate and train into a new "
+        "run folder"
     )
     assert load_checkpoint(tmp_path / "checkpoint.pt")["epoch"] == 1
 
