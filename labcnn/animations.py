@@ -88,33 +88,22 @@ def pool_formula(step: Step) -> str:
     return f"out{list(step.out)} = max({', '.join(_nums(step.values))}) = {step.result:g}"
 
 
+NUMBER = dict(ha="center", va="center", fontsize=13)  # a cell's value
+WINNER = dict(NUMBER, fontweight="bold", color=BLUE)  # a pooling window's maximum
+GRID = dict(left=0.02, right=0.98, top=0.88, bottom=0.17, wspace=0.15)  # the panels' margins
+CAPTION = dict(ha="center", family="monospace", fontsize=12)  # the formula under the panels
+
+
 def _panel(ax, values, title, shown=None, grey=None, window=None, mark=None, ringed=()) -> None:
     """Draw ``values`` [H, W]: numbers ``shown`` (None: all), ``window`` (row, col, k) in red."""
     for (r, c), v in np.ndenumerate(values.numpy()):  # add_artist: add_patch autoscales, slowly
         face = YELLOW if (r, c) == mark else GREY if grey is not None and grey[r, c] else "white"
         ax.add_artist(Rectangle((c, r), 1, 1, facecolor=face, edgecolor="0.35"))
-        if shown is None or (r, c) in shown:  # zorder 3, above every cell
-            ax.text(
-                c + 0.5,
-                r + 0.5,
-                f"{v + 0.0:g}",
-                ha="center",
-                va="center",
-                fontsize=13,
-                **(dict(fontweight="bold", color=BLUE) if (r, c) in ringed else {}),
-            )
+        if shown is None or (r, c) in shown:  # text has zorder 3, above every cell
+            ax.text(c + 0.5, r + 0.5, f"{v + 0.0:g}", **(WINNER if (r, c) in ringed else NUMBER))
         if (r, c) in ringed:
-            ax.add_artist(
-                Rectangle(
-                    (c + 0.1, r + 0.1),
-                    0.8,
-                    0.8,
-                    fill=False,
-                    edgecolor=BLUE,
-                    linewidth=2.5,
-                    zorder=3,
-                )
-            )
+            ring = Rectangle((c + 0.1, r + 0.1), 0.8, 0.8, fill=False, ec=BLUE, lw=2.5, zorder=3)
+            ax.add_artist(ring)
     if window:
         ax.add_artist(Rectangle(window[1::-1], window[2], window[2], fc=ORANGE, ec="red", lw=3))
     ax.text(0.5, 1.03, title, transform=ax.transAxes, ha="center", va="bottom", fontsize=12)
@@ -122,81 +111,78 @@ def _panel(ax, values, title, shown=None, grey=None, window=None, mark=None, rin
     ax.set_axis_off()
 
 
+def _layout(name: str) -> dict:
+    """What GIF ``name`` draws: its steps, output, input panels, size formula and figure shape."""
+    if name == "convolution":
+        n, pad = len(CONV_INPUT), (PADDING,) * 4
+        padded = dict(values=F.pad(CONV_INPUT, pad), grey=F.pad(0 * CONV_INPUT, pad, value=1))
+        inputs = [
+            dict(padded, title=f"input {n}x{n}, zero padding grey"),
+            dict(values=CONV_KERNEL, title=f"kernel {KERNEL_SIZE}x{KERNEL_SIZE}"),
+        ]
+        size = f"floor(({n} + 2*{PADDING} - {KERNEL_SIZE}) / {STRIDE}) + 1"
+        return dict(
+            steps=conv_steps(),
+            output=conv_output(),
+            inputs=inputs,
+            size=size,
+            formula=conv_formula,
+            figsize=(8, 3.9),
+            widths=(6, 2.4, 5),
+            winners=(),
+        )
+    n, output = len(POOL_INPUT), pool_output()
+    reached = len(output) * POOL_SIZE  # the stride is the window: rows and columns pooled
+    grey = F.pad(torch.zeros(reached, reached), (0, n - reached) * 2, value=1)
+    inputs = [dict(values=POOL_INPUT, title=f"input {n}x{n}, never pooled grey", grey=grey)]
+    size = f"floor(({n} - {POOL_SIZE}) / {POOL_SIZE}) + 1"
+    return dict(
+        steps=pool_steps(),
+        output=output,
+        inputs=inputs,
+        size=size,
+        formula=pool_formula,
+        figsize=(6, 3.9),
+        widths=(5, 2.6),
+        winners=pool_winners(),
+    )
+
+
+def _frame(layout: dict, i: int) -> np.ndarray:
+    """Frame ``i`` (after step ``i``; the last: the finished output) as uint8 [H, W, 3]."""
+    steps, output, winners = layout["steps"], layout["output"], layout["winners"]
+    step = steps[i] if i < len(steps) else None
+    fig = FigureCanvasAgg(Figure(figsize=layout["figsize"], dpi=80)).figure  # any backend
+    widths = layout["widths"]
+    axes = fig.subplots(1, len(widths), width_ratios=widths, gridspec_kw=GRID)
+    caption = layout["formula"](step) if step else f"output size {layout['size']} = {len(output)}"
+    fig.text(0.5, 0.04, caption, **CAPTION)
+    done = {s.out for s in steps[: i + 1]}
+    last = dict(values=output, title=f"output {len(output)}x{len(output)}", shown=done)
+    panels = [*layout["inputs"], dict(last, mark=step and step.out, ringed=winners and done)]
+    window = step and (*step.window, len(step.values))
+    panels[0] = dict(panels[0], window=window, ringed=set(winners[: i + 1]))
+    for ax, panel in zip(axes, panels, strict=True):
+        _panel(ax, **panel)
+    fig.canvas.draw()
+    return np.asarray(fig.canvas.buffer_rgba())[..., :3]
+
+
 def gif_bytes(name: str) -> bytes:
     """GIF ``name`` (a key of GIFS, else ConfigError): a frame per window position, then the end."""
     if name not in GIFS:
         raise ConfigError(f"no GIF named {name!r}: expected one of {', '.join(GIFS)}")
-    if name == "convolution":
-        steps, output, n, pad = conv_steps(), conv_output(), len(CONV_INPUT), (PADDING,) * 4
-        inputs = [
-            dict(
-                values=F.pad(CONV_INPUT, pad),
-                grey=F.pad(0 * CONV_INPUT, pad, value=1),
-                title=f"input {n}x{n}, zero padding grey",
-            ),
-            dict(values=CONV_KERNEL, title=f"kernel {KERNEL_SIZE}x{KERNEL_SIZE}"),
-        ]
-        size = f"floor(({n} + 2*{PADDING} - {KERNEL_SIZE}) / {STRIDE}) + 1"
-        formula, figsize, widths, winners = conv_formula, (8, 3.9), (6, 2.4, 5), ()
-    else:
-        steps, output, n = pool_steps(), pool_output(), len(POOL_INPUT)
-        reached = len(output) * POOL_SIZE  # the stride is the window: rows and columns pooled
-        inputs = [
-            dict(
-                values=POOL_INPUT,
-                title=f"input {n}x{n}, never pooled grey",
-                grey=F.pad(torch.zeros(reached, reached), (0, n - reached) * 2, value=1),
-            )
-        ]
-        size = f"floor(({n} - {POOL_SIZE}) / {POOL_SIZE}) + 1"
-        formula, figsize, widths, winners = pool_formula, (6, 3.9), (5, 2.6), pool_winners()
-    frames = []  # uint8 [H, W, 3]
+    layout = _layout(name)
+    steps = len(layout["steps"])
     with matplotlib.style.context("default"):  # the same pixels whatever the session's style
-        for i, step in enumerate([*steps, None]):
-            fig = FigureCanvasAgg(Figure(figsize=figsize, dpi=80)).figure  # whatever the backend
-            axes = fig.subplots(
-                1,
-                len(widths),
-                width_ratios=widths,
-                gridspec_kw=dict(left=0.02, right=0.98, top=0.88, bottom=0.17, wspace=0.15),
-            )
-            fig.text(
-                0.5,
-                0.04,
-                formula(step) if step else f"output size {size} = {len(output)}",
-                ha="center",
-                family="monospace",
-                fontsize=12,
-            )
-            done = {s.out for s in steps[: i + 1]}
-            panels = [
-                *inputs,
-                dict(
-                    values=output,
-                    title=f"output {len(output)}x{len(output)}",
-                    shown=done,
-                    mark=step and step.out,
-                    ringed=winners and done,
-                ),
-            ]
-            panels[0] = dict(
-                panels[0],
-                window=step and (*step.window, len(step.values)),
-                ringed=set(winners[: i + 1]),
-            )
-            for ax, panel in zip(axes, panels, strict=False):
-                _panel(ax, **panel)
-            fig.canvas.draw()
-            frames.append(np.asarray(fig.canvas.buffer_rgba())[..., :3])
+        frames = [_frame(layout, i) for i in range(steps + 1)]
+    # One palette for all frames, so that Pillow stores only the pixels that change.
     palette = Image.fromarray(np.concatenate(frames)).quantize(PALETTE_COLORS, Image.MEDIANCUT)
     indexed = [Image.fromarray(f).quantize(palette=palette, dither=Image.NONE) for f in frames]
+    buffer = io.BytesIO()
+    durations = [GIFS[name]] * steps + [HOLD_MS]
     indexed[0].save(
-        buffer := io.BytesIO(),
-        format="GIF",
-        save_all=True,
-        append_images=indexed[1:],
-        duration=[GIFS[name]] * len(steps) + [HOLD_MS],
-        loop=0,
+        buffer, "GIF", save_all=True, append_images=indexed[1:], duration=durations, loop=0
     )
     return buffer.getvalue()
 

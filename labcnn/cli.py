@@ -77,25 +77,33 @@ def build_parser() -> argparse.ArgumentParser:
     bench = commands.add_parser("bench", help="training images/s: tutorial vs labcnn vs model step")
     for sub in (train, evaluate, verify):
         sub.add_argument(
-            "--data-dir", type=path, default=Path("data"),
+            "--data-dir",
+            type=path,
+            default=Path("data"),
             help="folder holding CIFAR-10 in any supported layout (default: data)",
-        )  # fmt: skip
+        )
         sub.add_argument(
-            "--download", action="store_true",
+            "--download",
+            action="store_true",
             help="download the official archive if no data is found (needs internet)",
-        )  # fmt: skip
+        )
         sub.add_argument(
-            "--download-url", metavar="URL",
+            "--download-url",
+            metavar="URL",
             help="download from this mirror instead of torchvision's official source",
-        )  # fmt: skip
+        )
         sub.add_argument(
-            "--no-verify", dest="verify", action="store_false",
+            "--no-verify",
+            dest="verify",
+            action="store_false",
             help="skip the MD5 checks of official-layout files",
-        )  # fmt: skip
+        )
     train.add_argument(
-        "--out", required=True, type=path,
+        "--out",
+        required=True,
+        type=path,
         help="run folder: checkpoint.pt, history.json, loss.png, accuracy.png",
-    )  # fmt: skip
+    )
     train.add_argument("--recipe", default="lab", choices=RECIPES, help="named settings")
     for key in TRAIN_OPTIONS:
         option = f"--{key.replace('_', '-')}"
@@ -103,20 +111,28 @@ def build_parser() -> argparse.ArgumentParser:
             option, type=ranged(key), help=f"{RANGES[key].help} (default: the recipe's)"
         )
     train.add_argument(
-        "--amp", nargs="?", const="auto", choices=RANGES["amp"].choices,
+        "--amp",
+        nargs="?",
+        const="auto",
+        choices=RANGES["amp"].choices,
         help="mixed precision; the flag alone: auto, bfloat16 where native, else float16 on "
         "CUDA, else float32 (default: the recipe's)",
-    )  # fmt: skip
+    )
     evaluate.add_argument("--checkpoint", required=True, type=path, help=CHECKPOINT_HELP)
     evaluate.add_argument(
-        "--mean", type=float, nargs=3, metavar="M",
+        "--mean",
+        type=float,
+        nargs=3,
+        metavar="M",
         help="normalization mean per channel (default: the checkpoint's)",
-    )  # fmt: skip
+    )
     evaluate.add_argument("--std", type=float, nargs=3, metavar="S", help="with --mean")
     verify.add_argument(
-        "run", type=path, metavar="RUN_DIR",
+        "run",
+        type=path,
+        metavar="RUN_DIR",
         help="a run folder, or a weights file with its history NAME.json beside it",
-    )  # fmt: skip
+    )
     verify.add_argument("--notebook", type=path, help="also check the figures this notebook prints")
     filters.add_argument(
         "checkpoints", nargs="+", type=path, metavar="CHECKPOINT", help=CHECKPOINT_HELP
@@ -124,15 +140,20 @@ def build_parser() -> argparse.ArgumentParser:
     filters.add_argument("--json", type=path, metavar="PATH", help="also write the counts as JSON")
     gifs.add_argument("--out", default=Path("Images"), type=path, help="folder (default: Images)")
     gifs.add_argument(
-        "--notebook", default=Path("notebooks/lab1_cnn_cifar10.ipynb"), type=path,
+        "--notebook",
+        default=Path("notebooks/lab1_cnn_cifar10.ipynb"),
+        type=path,
         help="refresh the GIF outputs of this notebook, if it exists",
-    )  # fmt: skip
+    )
     bench.add_argument("--data-dir", type=path, help="time on CIFAR-10 from DIR (default: random)")
     for key, default in (("images_per_round", 10_000), ("rounds", 5)):
         bench.add_argument(
-            f"--{key.replace('_', '-')}", type=ranged(key), default=default, metavar="N",
+            f"--{key.replace('_', '-')}",
+            type=ranged(key),
+            default=default,
+            metavar="N",
             help=f"{RANGES[key].help} (default: {default})",
-        )  # fmt: skip
+        )
     bench.set_defaults(download=False, verify=True, download_url=None)  # for load_split
     for sub in (train, evaluate, bench):
         sub.add_argument("--device", help=DEVICE_HELP)

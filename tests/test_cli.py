@@ -551,6 +551,46 @@ def test_an_exported_state_dict_verifies_with_its_history_beside_it(run, tmp_pat
     )
 
 
+def test_a_run_recorded_on_a_gpu_verifies_on_a_cpu_within_the_tf32_tolerance(run, tmp_path, capsys):
+    """Ampere GPUs convolve float32 in TF32 (pytorch/pytorch#107514): verify on a CPU allows
+    twice what TF32's rounding moves, simulated here by rounding inputs and weights, says so
+    and names both devices; a 0.5-point change or a perturbed tensor is still a mismatch."""
+    from labcnn.data import load_cifar10
+    from labcnn.device import tf32_emulated
+    from labcnn.lab import evaluate
+
+    root, out, _ = run
+    trained = K.load_trained(out / "checkpoint.pt")
+    images, labels = load_cifar10(root, train=False, verify=False)
+    with tf32_emulated(trained.model):
+        gpu = evaluate(trained, images, labels)
+    device = "cuda (NVIDIA H100 80GB HBM3), float32 (TF32 allowed)"
+
+    def export(history, model_edit=None):
+        if model_edit:
+            model_edit(trained.model)
+        trained.history = history
+        K.export(tmp_path / "lab.pt", trained)
+        write_json(tmp_path / "lab.json", history)
+        return status(["verify", tmp_path / "lab.pt", "--data-dir", root])
+
+    last = {**trained.history[-1], "test_acc": gpu["accuracy"], "test_loss": gpu["loss"]}
+    assert export([*trained.history[:-1], {**last, "device": device}]) == 0
+    printed = capsys.readouterr().out
+    assert f"recorded on {device}" in printed and "evaluated on cpu" in printed
+    assert "tolerance" in printed and printed.rstrip().endswith("verified")
+    moved = {**last, "device": device, "test_acc": gpu["accuracy"] - 0.005}
+    assert export([*trained.history[:-1], moved]) == 1
+    assert "MISMATCH: the test accuracy of the weights is" in capsys.readouterr().out
+
+    def perturb(model):
+        with torch.no_grad():
+            model.fc3.bias[0] += 1.0
+
+    assert export([*trained.history[:-1], {**last, "device": device}], perturb) == 1
+    assert "MISMATCH: the test loss of the weights is" in capsys.readouterr().out
+
+
 # --- processes that are not a terminal session (issue 26) ---------------------------------------
 
 
