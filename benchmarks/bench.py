@@ -15,10 +15,11 @@ from torchvision import transforms
 from torchvision.datasets import CIFAR10, VisionDataset
 
 from labcnn import ConfigError
-from labcnn.device import bf16_absence, describe_device, native_bf16
+from labcnn.cli import DEVICE_HELP, Parser, load_split, path, ranged, say
+from labcnn.device import describe_device, native_bf16, select_device, set_threads
 from labcnn.lab import batches, epoch_generator, make_optimizer, train_one_epoch
 from labcnn.model import LAB_MEAN, LAB_NORMALIZATION, LAB_STD, LabCNN
-from labcnn.settings import make_config
+from labcnn.settings import RANGES, make_config
 
 WARMUP_STEPS = 5  # untimed training steps per contender before the rounds
 MATMUL_SIZE = 2048  # the peak's n x n @ n x n product: 2 n^3 FLOPs
@@ -221,3 +222,32 @@ def report(result: dict, log=print) -> None:
             f"{peak:.1f} GFLOP/s: {result['fraction_of_matmul_peak'][p]:.2f} of the peak"
         )
     log(json.dumps(result))
+
+
+def bf16_absence(device: torch.device) -> str:
+    """Why bfloat16 would be slow on ``device``, for the report."""
+    if device.type == "cpu":
+        return "this CPU has neither avx512_bf16 nor amx_bf16: bfloat16 would be emulated, slower"
+    return f"{describe_device(device)} has no native bfloat16"
+
+
+def main(argv: list[str]) -> None:
+    """``python -m labcnn bench [options]``: time the contenders and print the report."""
+    parser = Parser(prog="python -m labcnn bench", description=__doc__.splitlines()[0])
+    parser.add_argument("--data-dir", type=path, help="time on CIFAR-10 from DIR (default: random)")
+    for key, default in (("images_per_round", 10_000), ("rounds", 5)):
+        option = f"--{key.replace('_', '-')}"
+        help = f"{RANGES[key].help} (default: {default})"
+        parser.add_argument(option, type=ranged(key), default=default, metavar="N", help=help)
+    parser.add_argument("--device", help=DEVICE_HELP)
+    args = parser.parse_args(argv)
+    args.download, args.verify, args.download_url = False, True, None  # for load_split
+    set_threads()
+    device = select_device(args.device)
+    if args.data_dir:
+        images, labels = load_split(args, True)
+        say(f"data: {len(labels)} CIFAR-10 training images from {args.data_dir}")
+    else:
+        images, labels = random_data()
+        say(f"data: {len(labels)} random images (no --data-dir; timings do not depend on pixels)")
+    report(run(images, labels, device, args.images_per_round, args.rounds, log=say), log=say)

@@ -74,7 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
     verify = commands.add_parser("verify", help="re-evaluate a run; check its figures and hashes")
     filters = commands.add_parser("filters", help="count each convolution's collapsed filters")
     gifs = commands.add_parser("gifs", help="write the convolution and max-pooling GIFs")
-    bench = commands.add_parser("bench", help="training images/s: tutorial vs labcnn vs model step")
+    commands.add_parser(
+        "bench", add_help=False, help="training images/s: tutorial vs labcnn vs model step (-h)"
+    )
     for sub in (train, evaluate, verify):
         sub.add_argument(
             "--data-dir",
@@ -145,17 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=path,
         help="refresh the GIF outputs of this notebook, if it exists",
     )
-    bench.add_argument("--data-dir", type=path, help="time on CIFAR-10 from DIR (default: random)")
-    for key, default in (("images_per_round", 10_000), ("rounds", 5)):
-        bench.add_argument(
-            f"--{key.replace('_', '-')}",
-            type=ranged(key),
-            default=default,
-            metavar="N",
-            help=f"{RANGES[key].help} (default: {default})",
-        )
-    bench.set_defaults(download=False, verify=True, download_url=None)  # for load_split
-    for sub in (train, evaluate, bench):
+    for sub in (train, evaluate):
         sub.add_argument("--device", help=DEVICE_HELP)
     return parser
 
@@ -321,7 +313,6 @@ def run_gifs(args) -> None:
 
 def run_bench(args) -> None:
     """``bench``: benchmarks/bench.py of the checkout (the benchmark is not in the package)."""
-    from labcnn.device import select_device, set_threads
     from labcnn.notebook import checkout_root
 
     root = checkout_root()
@@ -331,15 +322,7 @@ def run_bench(args) -> None:
         sys.path.insert(0, str(root))
     from benchmarks import bench
 
-    set_threads()
-    device = select_device(args.device)
-    if args.data_dir:
-        images, labels = load_split(args, True)
-        say(f"data: {len(labels)} CIFAR-10 training images from {args.data_dir}")
-    else:
-        images, labels = bench.random_data()
-        say(f"data: {len(labels)} random images (no --data-dir; timings do not depend on pixels)")
-    bench.report(bench.run(images, labels, device, args.images_per_round, args.rounds, log=say))
+    bench.main(args.options)
 
 
 COMMANDS = {
@@ -364,7 +347,12 @@ def stop(signum, frame):
 
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns the exit status (0, 1 for a failed verify, 2, 128 + N)."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if args.command == "bench":  # bench parses its own options (benchmarks/bench.py)
+        args.options = rest
+    elif rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     with warnings.catch_warnings():  # restores the process's warning display afterwards
         warnings.showwarning = lambda message, *_: warn(f"warning: {message}")
         handlers = {}

@@ -106,13 +106,6 @@ def native_bf16(device: torch.device) -> bool:
     return device.type == "cpu" and bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
 
 
-def bf16_absence(device: torch.device) -> str:
-    """Why bfloat16 would be slow on ``device``, for a message."""
-    if device.type == "cpu":
-        return "this CPU has neither avx512_bf16 nor amx_bf16: bfloat16 would be emulated, slower"
-    return f"{describe_device(device)} has no native bfloat16"
-
-
 def amp_dtype(device: torch.device, amp: str) -> torch.dtype | None:
     """The autocast dtype of ``amp`` on ``device`` (``None``: float32). ``auto``: bfloat16 where
     native, else float16 on CUDA (a T4), else float32; ``bf16``, ``fp16`` force one."""

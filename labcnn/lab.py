@@ -10,6 +10,7 @@ time, as airbench does, instead of image by image through a DataLoader.
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 
@@ -60,13 +61,12 @@ def batches(images, labels, batch_size: int, generator, normalization, augment_i
 
 
 def train_one_epoch(model, criterion, optimizer, batches, scheduler=None, scaler=None, dtype=None):
-    """One pass over ``batches`` in train mode. ``dtype``: autocast's (None: float32);
-    ``scaler``: a GradScaler, enabled for float16. Returns the mean loss per image (nats) and
-    top-1 accuracy (a fraction) as the weights moved; TrainingDiverged names a non-finite step."""
+    """One pass over ``batches`` in train mode; ``dtype``: autocast's (None: float32). Returns the
+    mean loss (nats per image) and top-1 accuracy; TrainingDiverged names a non-finite step."""
     model.train()  # BatchNorm normalizes each batch with that batch's own statistics
     device = next(model.parameters()).device
     autocast = torch.autocast(device.type, dtype, enabled=dtype is not None)
-    scaler = scaler or torch.amp.GradScaler(device.type, enabled=False)
+    scaler = scaler or torch.amp.GradScaler(device.type, enabled=False)  # float16 only
     losses, correct, seen = [], 0, 0
     for x, y in batches:
         with autocast:
@@ -78,13 +78,12 @@ def train_one_epoch(model, criterion, optimizer, batches, scheduler=None, scaler
         scaler.update()
         if scheduler is not None:
             scheduler.step()
-        losses.append(loss.detach() * len(y))  # summed on the device: no wait for it per step
+        losses.append(loss.detach() * len(y))  # kept on the device: no wait for it per step
         correct += (logits.argmax(1) == y).sum()
         seen += len(y)
     losses = torch.stack(losses).cpu()
     if not losses.isfinite().all():
-        step = int((~losses.isfinite()).nonzero()[0])
-        raise TrainingDiverged(f"the training loss became {losses[step].item()} at step {step + 1}")
+        raise TrainingDiverged(f"the training loss became {nonfinite(losses)}")
     return losses.double().sum().item() / seen, int(correct) / seen
 
 
@@ -122,6 +121,25 @@ def evaluate(trained: Trained, images, labels, batch_size: int = 1000) -> dict:
         "predictions": predictions,
         "confidence": confidence,
     }
+
+
+@torch.no_grad()
+def recompute_batchnorm(trained: Trained, images, batch_size: int = 1000) -> Trained:
+    """A copy of ``trained`` whose BatchNorm running statistics are recomputed as plain averages
+    over ``images`` (uint8 ``[N, 3, 32, 32]``) with the final weights, in train mode: a
+    measurement of how much the running averages, collected while the weights moved, cost."""
+    model = copy.deepcopy(trained.model)
+    device = next(model.parameters()).device
+    for module in model.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            module.reset_running_stats()
+            module.momentum = None  # None: a cumulative average over all the batches
+    model.train()
+    stats = trained.normalization.tensors(device)
+    for start in range(0, len(images), batch_size):
+        x = trained.normalization(images[start : start + batch_size].to(device), stats)
+        model(x.contiguous(memory_format=torch.channels_last))
+    return Trained(model.eval(), trained.normalization, trained.config, trained.history)
 
 
 def make_optimizer(config: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
@@ -175,48 +193,31 @@ def training_split(config: TrainConfig, images, labels):
     return (images[kept], labels[kept]), (images[held], labels[held])
 
 
-def fit(
-    config: TrainConfig,
-    train_data,
-    test_data,
-    device="cpu",
-    dtype=None,
-    model=None,
-    *,
-    restore=None,
-    progress=None,
-    on_epoch=None,
-) -> Trained:
-    """Train ``model`` (default a new :class:`LabCNN`) with ``config``; return it as Trained.
-
-    ``train_data``, ``test_data``: ``(uint8 [N, 3, 32, 32], int64 [N])``; ``dtype``: autocast's.
-    The harness's hooks: ``restore(trained, state)`` returns a resumed run's history,
-    ``progress(batches, epoch)`` wraps an epoch's batches, ``on_epoch(trained, state)`` follows
-    each epoch. Per epoch, the history holds ``train_loss``, ``train_acc``, ``val_*``, ``test_*``
-    (nats per image, fractions), ``lr``, ``seconds`` and ``elapsed_train_seconds``.
-    """
+def fit(config, train_data, test_data, device="cpu", dtype=None, model=None, **hooks) -> Trained:
+    """Train ``model`` (default a new LabCNN) with ``config``; return it as a Trained whose history
+    holds per epoch ``train_loss``, ``train_acc``, ``val_*``, ``test_*`` (nats per image,
+    fractions), ``lr``, ``seconds``, ``elapsed_train_seconds``. ``train_data``, ``test_data``:
+    ``(uint8 [N, 3, 32, 32], int64 [N])``; ``dtype``: autocast's. The harness's ``hooks``:
+    ``restore(trained, state)`` returns a saved run's history; ``progress(batches, epoch)`` wraps
+    an epoch's batches; ``on_epoch(trained, state)`` follows each epoch."""
     (images, labels), val = training_split(config, *train_data)
-    norm = Normalization(config.mean, config.std) if config.mean else Normalization.measure(images)
-    torch.manual_seed(config.seed)  # the initial weights
-    model = (model or LabCNN()).to(device, memory_format=torch.channels_last)
-    trained = Trained(model, norm, config)
+    trained, state = setup(config, images, labels, device, dtype, model)
+    trained.history = hooks["restore"](trained, state) if "restore" in hooks else []
+    model, optimizer = state["model"], state["optimizer"]
     criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
-    optimizer = make_optimizer(config, model)
-    scheduler = make_scheduler(config, optimizer, steps=math.ceil(len(labels) / config.batch_size))
-    scaler = torch.amp.GradScaler(torch.device(device).type, enabled=dtype == torch.float16)
-    state = dict(model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler)
-    trained.history = restore(trained, state) if restore else []
     images, labels = images.to(device), labels.to(device)
     for epoch in range(trained.epoch + 1, config.epochs + 1):
         start, lr = time.perf_counter(), optimizer.param_groups[0]["lr"]
-        generator = epoch_generator(config.seed, epoch)
-        data = batches(images, labels, config.batch_size, generator, norm, config.augment)
-        data = progress(data, epoch) if progress else data
-        loss, accuracy = train_one_epoch(
-            model, criterion, optimizer, data, scheduler, scaler, dtype
+        order = epoch_generator(config.seed, epoch)
+        data = batches(
+            images, labels, config.batch_size, order, trained.normalization, config.augment
         )
-        train_seconds = time.perf_counter() - start
+        data = hooks["progress"](data, epoch) if "progress" in hooks else data
+        loss, accuracy = train_one_epoch(
+            model, criterion, optimizer, data, state["scheduler"], state["scaler"], dtype
+        )
         record = {"epoch": epoch, "train_loss": loss, "train_acc": accuracy}
+        train_seconds = time.perf_counter() - start
         for name, split in (("val", val), ("test", test_data)):
             if split is not None:
                 result = evaluate(trained, *split, batch_size=config.eval_batch_size)
@@ -225,6 +226,26 @@ def fit(
         record.update(lr=lr, seconds=time.perf_counter() - start)
         record["elapsed_train_seconds"] = elapsed + train_seconds
         trained.history.append(record)
-        if on_epoch:
-            on_epoch(trained, state)
+        if "on_epoch" in hooks:
+            hooks["on_epoch"](trained, state)
     return trained
+
+
+def setup(config: TrainConfig, images, labels, device, dtype, model=None):
+    """``(trained, state)`` before the first epoch: the model, seeded by ``config.seed``, its
+    normalization (``config``'s, or measured on ``images``), and in ``state`` the model,
+    optimizer, scheduler and GradScaler (enabled for float16 only) that a checkpoint saves."""
+    norm = Normalization(config.mean, config.std) if config.mean else Normalization.measure(images)
+    torch.manual_seed(config.seed)  # the initial weights
+    model = (model or LabCNN()).to(device, memory_format=torch.channels_last)
+    optimizer = make_optimizer(config, model)
+    scheduler = make_scheduler(config, optimizer, steps=math.ceil(len(labels) / config.batch_size))
+    scaler = torch.amp.GradScaler(torch.device(device).type, enabled=dtype == torch.float16)
+    state = dict(model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler)
+    return Trained(model, norm, config), state
+
+
+def nonfinite(losses: torch.Tensor) -> str:
+    """``"nan at step 3"``: the first NaN or infinite value of per-step ``losses``, from step 1."""
+    step = int((~losses.isfinite()).nonzero()[0])
+    return f"{losses[step].item()} at step {step + 1}"

@@ -187,24 +187,11 @@ def spread(values: list[float]) -> dict[str, float]:
     return {"mean": statistics.fmean(values), "std": std, "min": min(values), "max": max(values)}
 
 
-def epoch_swing(history: list[dict], after: int = 10, key: str = "test_acc") -> dict[str, float]:
-    """:func:`spread` of ``key`` after epoch ``after``, and its mean and largest change from one
-    epoch to the next."""
-    values = [r[key] for r in history if r["epoch"] > after]
-    changes = [abs(b - a) for a, b in zip(values, values[1:], strict=False)]
-    return {**spread(values), "mean_change": statistics.fmean(changes), "max_change": max(changes)}
-
-
 def fixed_batch_accuracies(predictions, labels, batch_size: int = 100, seed: int = 0):
     """Accuracies (float64 ``[N // batch_size]``) of the batches of one seeded test-set order."""
     correct = (predictions.cpu() == labels.cpu()).double()
     correct = correct[torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))]
     return correct[: len(labels) // batch_size * batch_size].view(-1, batch_size).mean(1)
-
-
-def last_batch_accuracy(predictions, labels, batch_size: int = 100) -> float:
-    """Accuracy of the last ``batch_size`` images: all the original script kept of an evaluation."""
-    return (predictions[-batch_size:] == labels[-batch_size:]).double().mean().item()
 
 
 def binomial_interval(accuracy: float, n: int, z: float = 1.96) -> float:

@@ -193,10 +193,3 @@ def config_from_dict(saved: dict) -> TrainConfig:
             "it comes from a newer labcnn; update labcnn"
         )
     return TrainConfig(**saved)
-
-
-def applied_settings(config: TrainConfig) -> dict:
-    """The settings that act on this run, for printing (no momentum for Adam, no unset sizes)."""
-    unused = {"momentum"} if config.optimizer != "sgd" else set()
-    unused |= {k for k in ("subset", "mean", "std", "val_size") if not getattr(config, k)}
-    return {k: v for k, v in asdict(config).items() if k not in unused}

@@ -10,7 +10,6 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks import bench
 from labcnn import ConfigError
-from labcnn.device import bf16_absence
 from labcnn.model import LabCNN
 from labcnn.settings import make_config
 
@@ -139,7 +138,7 @@ def test_bf16_contenders_and_peak_run_only_where_native_or_asked(monkeypatch, sm
         assert any("(c16) ceiling bf16" in line for line in lines)
     else:
         assert result["bf16_absent"] == (
-            "turned off (bf16=False)" if native else bf16_absence(torch.device("cpu"))
+            "turned off (bf16=False)" if native else bench.bf16_absence(torch.device("cpu"))
         )
         assert any(f"no bfloat16 contenders: {result['bf16_absent']}" in line for line in lines)
 

@@ -12,6 +12,7 @@ import pytest
 import torch
 from helpers import ENV
 
+from benchmarks import bench
 from labcnn import ConfigError, DeviceError
 from labcnn import device as D
 from labcnn import notebook as N
@@ -131,13 +132,6 @@ def test_recipes():
     with pytest.raises(ConfigError, match="unknown TrainConfig fields"):
         make_config(cutout=8)
     assert make_config(epochs=None).epochs == 50  # an option not given keeps the recipe's
-
-
-def test_applied_settings_leave_out_what_does_not_act():
-    lab, improved = S.applied_settings(make_config()), S.applied_settings(make_config("improved"))
-    assert not {"momentum", "val_size", "subset"} & set(lab)
-    assert lab["mean"] == (0.4914, 0.4822, 0.4465)
-    assert (improved["momentum"], improved["val_size"]) == (0.9, 5000) and "mean" not in improved
 
 
 def test_saved_configs_of_earlier_versions_read_or_are_refused_in_one_line():
@@ -325,7 +319,7 @@ def test_amp_on_cuda_uses_native_bf16_else_fp16(monkeypatch, native, dtype):
     assert D.amp_dtype(cuda, "bf16") == torch.bfloat16
     assert D.amp_dtype(cuda, "off") is None
     assert D.describe_device(cuda) == "cuda (Tesla T4)"
-    assert D.bf16_absence(cuda) == "cuda (Tesla T4) has no native bfloat16"
+    assert bench.bf16_absence(cuda) == "cuda (Tesla T4) has no native bfloat16"
 
 
 @pytest.mark.parametrize(
@@ -349,7 +343,7 @@ def test_cpu_bf16_only_where_native(monkeypatch, flags, native):
     assert D.native_bf16(cpu) is native
     assert D.amp_dtype(cpu, "auto") == (torch.bfloat16 if native else None)
     assert D.amp_dtype(cpu, "bf16") == torch.bfloat16 and D.amp_dtype(cpu, "off") is None
-    assert "neither avx512_bf16 nor amx_bf16" in D.bf16_absence(cpu)
+    assert "neither avx512_bf16 nor amx_bf16" in bench.bf16_absence(cpu)
 
 
 def test_no_cpuinfo_means_no_flags(monkeypatch):
