@@ -16,6 +16,14 @@ from labcnn import LabcnnError
 
 CHECKPOINT_HELP = "RUN/checkpoint.pt, or a file holding LabCNN's state_dict"
 DEVICE_HELP = "auto, cpu, cuda, cuda:N or mps (default: auto, the best available)"
+DATA_HELP = "folder holding CIFAR-10 in any supported layout (default: data)"
+NO_VERIFY_HELP = "skip the MD5 checks of official-layout files"
+OUT_HELP = "run folder: checkpoint.pt, history.json, loss.png, accuracy.png"
+AMP_HELP = "mixed precision; alone: auto, bfloat16 where native, else float16 on CUDA, else float32"
+MEAN_HELP = "normalization mean per channel (default: the checkpoint's)"
+RUN_HELP = "a run folder, or a weights file with its history NAME.json beside it"
+NOTEBOOK = Path("notebooks/lab1_cnn_cifar10.ipynb")
+REFRESH_HELP = "refresh the GIF outputs of this notebook, if it exists"
 TRAIN_OPTIONS = ("epochs", "batch_size", "lr", "weight_decay", "label_smoothing", "seed")
 TRAIN_OPTIONS += ("subset", "val_size")  # TrainConfig fields; the recipe's value when not given
 
@@ -78,75 +86,28 @@ def build_parser() -> argparse.ArgumentParser:
         "bench", add_help=False, help="training images/s: tutorial vs labcnn vs model step (-h)"
     )
     for sub in (train, evaluate, verify):
-        sub.add_argument(
-            "--data-dir",
-            type=path,
-            default=Path("data"),
-            help="folder holding CIFAR-10 in any supported layout (default: data)",
-        )
-        sub.add_argument(
-            "--download",
-            action="store_true",
-            help="download the official archive if no data is found (needs internet)",
-        )
-        sub.add_argument(
-            "--download-url",
-            metavar="URL",
-            help="download from this mirror instead of torchvision's official source",
-        )
-        sub.add_argument(
-            "--no-verify",
-            dest="verify",
-            action="store_false",
-            help="skip the MD5 checks of official-layout files",
-        )
-    train.add_argument(
-        "--out",
-        required=True,
-        type=path,
-        help="run folder: checkpoint.pt, history.json, loss.png, accuracy.png",
-    )
+        sub.add_argument("--data-dir", type=path, default=Path("data"), help=DATA_HELP)
+        sub.add_argument("--download", action="store_true", help="download it if none is found")
+        sub.add_argument("--download-url", metavar="URL", help="download from this mirror")
+        sub.add_argument("--no-verify", dest="verify", action="store_false", help=NO_VERIFY_HELP)
+    train.add_argument("--out", required=True, type=path, help=OUT_HELP)
     train.add_argument("--recipe", default="lab", choices=RECIPES, help="named settings")
     for key in TRAIN_OPTIONS:
-        option = f"--{key.replace('_', '-')}"
-        train.add_argument(
-            option, type=ranged(key), help=f"{RANGES[key].help} (default: the recipe's)"
-        )
-    train.add_argument(
-        "--amp",
-        nargs="?",
-        const="auto",
-        choices=RANGES["amp"].choices,
-        help="mixed precision; the flag alone: auto, bfloat16 where native, else float16 on "
-        "CUDA, else float32 (default: the recipe's)",
-    )
+        help = f"{RANGES[key].help} (default: the recipe's)"
+        train.add_argument(f"--{key.replace('_', '-')}", type=ranged(key), help=help)
+    amp = dict(nargs="?", const="auto", choices=RANGES["amp"].choices, help=AMP_HELP)
+    train.add_argument("--amp", **amp)
     evaluate.add_argument("--checkpoint", required=True, type=path, help=CHECKPOINT_HELP)
-    evaluate.add_argument(
-        "--mean",
-        type=float,
-        nargs=3,
-        metavar="M",
-        help="normalization mean per channel (default: the checkpoint's)",
-    )
+    evaluate.add_argument("--mean", type=float, nargs=3, metavar="M", help=MEAN_HELP)
     evaluate.add_argument("--std", type=float, nargs=3, metavar="S", help="with --mean")
-    verify.add_argument(
-        "run",
-        type=path,
-        metavar="RUN_DIR",
-        help="a run folder, or a weights file with its history NAME.json beside it",
-    )
+    verify.add_argument("run", type=path, metavar="RUN_DIR", help=RUN_HELP)
     verify.add_argument("--notebook", type=path, help="also check the figures this notebook prints")
     filters.add_argument(
         "checkpoints", nargs="+", type=path, metavar="CHECKPOINT", help=CHECKPOINT_HELP
     )
     filters.add_argument("--json", type=path, metavar="PATH", help="also write the counts as JSON")
     gifs.add_argument("--out", default=Path("Images"), type=path, help="folder (default: Images)")
-    gifs.add_argument(
-        "--notebook",
-        default=Path("notebooks/lab1_cnn_cifar10.ipynb"),
-        type=path,
-        help="refresh the GIF outputs of this notebook, if it exists",
-    )
+    gifs.add_argument("--notebook", default=NOTEBOOK, type=path, help=REFRESH_HELP)
     for sub in (train, evaluate):
         sub.add_argument("--device", help=DEVICE_HELP)
     return parser
