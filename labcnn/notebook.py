@@ -12,9 +12,10 @@ import torch
 
 import labcnn
 from labcnn import plots
+from labcnn.checkpoint import export
 from labcnn.data import CLASSES, load_cifar10
 from labcnn.device import select_device, set_threads
-from labcnn.fileio import read_json
+from labcnn.fileio import read_json, write_json
 from labcnn.lab import evaluate, recompute_batchnorm
 from labcnn.model import collapsed_filters, dead_units
 from labcnn.settings import RANGES, TrainConfig, make_config
@@ -152,3 +153,11 @@ def side_by_side(label: str, mine: dict, reference: dict | None, show) -> None:
     """Print ``label``: ``show(readings)`` of this run, then of the reference run."""
     theirs = show(reference) if reference else "not found (results/ of a checkout)"
     print(f"{label}\n  this run:      {show(mine)}\n  reference run: {theirs}")
+
+
+def export_reference(trained, found: dict, results: Path) -> None:
+    """Write the reference run into ``results/``: its weights ``lab.pt``, history ``lab.json``
+    and :func:`readings` ``lab-readings.json``, which the notebook prints beside other runs."""
+    export(results / "lab.pt", trained)
+    write_json(results / "lab.json", trained.history)
+    write_json(results / "lab-readings.json", found)

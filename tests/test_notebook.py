@@ -10,7 +10,7 @@ Each route gets its own virtual environment whose site-packages holds a ``.pth``
 the test environment's site-packages: the requirements import, labcnn does not (its editable
 install is another ``.pth`` file, which Python does not read from a folder named in a ``.pth``).
 pip builds labcnn without build isolation here, to need no index; on Colab pip fetches setuptools.
-(``notebooks/conftest.py`` runs the committed notebook in place under nbval: a laptop's route.)
+(``conftest.py`` at the root runs the committed notebook in place under nbval: a laptop's route.)
 """
 
 import base64
