@@ -231,8 +231,8 @@ def bf16_absence(device: torch.device) -> str:
     return f"{describe_device(device)} has no native bfloat16"
 
 
-def main(argv: list[str]) -> None:
-    """``python -m labcnn bench [options]``: time the contenders and print the report."""
+def build_parser() -> Parser:
+    """The options of ``python -m labcnn bench``, read through the one range table."""
     parser = Parser(prog="python -m labcnn bench", description=__doc__.splitlines()[0])
     parser.add_argument("--data-dir", type=path, help="time on CIFAR-10 from DIR (default: random)")
     for key, default in (("images_per_round", 10_000), ("rounds", 5)):
@@ -240,7 +240,12 @@ def main(argv: list[str]) -> None:
         help = f"{RANGES[key].help} (default: {default})"
         parser.add_argument(option, type=ranged(key), default=default, metavar="N", help=help)
     parser.add_argument("--device", help=DEVICE_HELP)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str]) -> None:
+    """``python -m labcnn bench [options]``: time the contenders and print the report."""
+    args = build_parser().parse_args(argv)
     args.download, args.verify, args.download_url = False, True, None  # for load_split
     set_threads()
     device = select_device(args.device)

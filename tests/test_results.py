@@ -19,10 +19,12 @@ import shlex
 from pathlib import Path
 
 import pytest
+import torch
 
 from labcnn import plots
 from labcnn.harness import format_duration
 from labcnn.model import LAB_MEAN, LAB_STD
+from labcnn.settings import make_config
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "results"
@@ -157,6 +159,10 @@ def allowed() -> frozenset[str]:
     from the original report, or the lab recipe's normalization constants (labcnn.model)."""
     values = original() | set(NOTEBOOK_FIGURE.findall(notebook_outputs()))
     values |= set(FIGURE.findall(printed())) | {f"{v:.4f}" for v in LAB_MEAN + LAB_STD}
+    # the lab's recipe and Adam's defaults, which the notebook's update rule names
+    adam = torch.optim.Adam([torch.zeros(1, requires_grad=True)]).defaults
+    lab = make_config()
+    values |= {f"{v:g}" for v in (lab.lr, lab.weight_decay, *adam["betas"], adam["eps"])}
     for history in HISTORIES.values():
         values |= derived(history)
     for runs in seed_groups().values():
@@ -324,12 +330,17 @@ def command_units(text: str) -> list[str]:
 
 def parse_error(command: str) -> str | None:
     """Why the command line refuses ``command`` (``python -m labcnn ...``), or None."""
+    from benchmarks import bench
     from labcnn.cli import build_parser
 
+    argv = shlex.split(command)[3:]
     stderr = io.StringIO()
     with contextlib.redirect_stderr(stderr), contextlib.redirect_stdout(io.StringIO()):
         try:
-            build_parser().parse_args(shlex.split(command)[3:])
+            if argv[:1] == ["bench"]:  # bench parses its own options
+                bench.build_parser().parse_args(argv[1:])
+            else:
+                build_parser().parse_args(argv)
         except SystemExit:
             return stderr.getvalue().strip() or "refused"
     return None
