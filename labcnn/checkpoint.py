@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from labcnn import CheckpointError, ConfigError
-from labcnn.fileio import atomic_write, what_is
+from labcnn.fileio import atomic_write, broken_link
 from labcnn.model import LAB_NORMALIZATION, LabCNN, Normalization, Trained
 from labcnn.settings import config_dict, config_from_dict
 
@@ -86,8 +86,8 @@ def read_file(path):
         inside = path / CHECKPOINT
         what = f"a run folder: pass {inside}" if inside.is_file() else "a folder, not a file"
         raise CheckpointError(f"{path} is {what}; {ACCEPTED}")
-    if path.is_symlink() and not path.exists():
-        raise CheckpointError(f"{path} is {what_is(path)}: fix the link, or pass the file itself")
+    if broken_link(path):
+        raise CheckpointError(f"{path} is {broken_link(path)}: fix the link, or pass the file")
     if not path.is_file():
         raise CheckpointError(f"no checkpoint at {path}")
     damaged = f"{path} is not a readable checkpoint: it is truncated or damaged, or was not "

@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from labcnn import DataError, WriteError
-from labcnn.fileio import atomic_write, make_dir, reason, staged_dir, warn_once, what_is
+from labcnn.fileio import atomic_write, broken_link, make_dir, reason, staged_dir, warn_once
 
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 URL, ARCHIVE = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz", "cifar-10-python.tar.gz"
@@ -43,8 +43,8 @@ def load_cifar10(root, train=True, download=False, verify=True, url: str | None 
     """One split: uint8 ``[N, 3, 32, 32]`` RGB, int64 ``[N]`` labels; DataError, WriteError."""
     root, url = Path(root).expanduser().absolute(), url or URL
     try:
-        if root.is_symlink() and not root.exists() or root.exists() and not root.is_dir():
-            raise DataError(wrong_kind(root))
+        if no_broken_link(root).exists() and not root.is_dir():
+            raise DataError(not_a_folder(root))
         folders = [root, *(p for p in visible(root) if p.is_dir())] if root.is_dir() else [root]
         found = [hit for folder in folders for hit in layouts_in(folder)]
         kind, path = min(found, key=lambda hit: KINDS.index(hit[0]), default=(None, None))
@@ -59,14 +59,12 @@ def load_cifar10(root, train=True, download=False, verify=True, url: str | None 
         raise DataError(f"cannot read {e.filename or root} ({reason(e)})") from None
 
 
-def wrong_kind(root: Path) -> str:
-    """What ``root``, not a folder, is, and what to pass as the data folder instead."""
-    if root.is_symlink() and not root.exists():
-        return f"{root} is {what_is(root)}: fix the link, or pass the folder it should name"
+def not_a_folder(root: Path) -> str:
+    """What ``root``, a file, is, and what to pass as the data folder instead."""
     what = "a file"
     if root.name in FILES:
         what = "a CIFAR-10 batch file"
-    elif any(map(root.match, ARCHIVES)) or root.name.endswith((".tar.gz", ".tgz", ".zip", ".tar")):
+    elif root.suffix in (".gz", ".tgz", ".tar", ".zip", ".bz2", ".xz"):
         what = "an archive"
     return (
         f"{root} is {what}, not a folder: pass the folder that holds it, --data-dir {root.parent}"
@@ -97,8 +95,8 @@ def search_failed(root: Path, folders: list[Path], download: bool, url: str, ver
 
 def no_broken_link(path: Path) -> Path:
     """``path``; DataError naming it as a broken link to its target, if it is one."""
-    if path.is_symlink() and not path.exists():
-        raise DataError(f"{path} is {what_is(path)}: fix or remove the link")
+    if broken_link(path):
+        raise DataError(f"{path} is {broken_link(path)}: fix or remove the link")
     return path
 
 

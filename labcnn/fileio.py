@@ -42,15 +42,11 @@ def reason(error: BaseException) -> str:
     return text.splitlines()[0] if text else type(error).__name__
 
 
-def what_is(path) -> str:
-    """What ``path`` is, in words for a message: ``"a folder"``, ``"a file"``, ``"a broken
-    link to TARGET"`` or ``"missing"``."""
-    path = Path(path)
-    if path.is_symlink() and not path.exists():
+def broken_link(path) -> str | None:
+    """``"a broken link to TARGET"`` if ``path`` is a link whose target is missing, else None."""
+    if Path(path).is_symlink() and not Path(path).exists():
         return f"a broken link to {os.readlink(path)}"
-    if path.is_dir():
-        return "a folder"
-    return "a file" if path.exists() else "missing"
+    return None
 
 
 def atomic_write(path, write, advice: str | None = None) -> None:
