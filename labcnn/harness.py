@@ -45,9 +45,8 @@ def train(config, train_data, test_data, run_dir=None, device=None, log=print, m
             log(format_epoch(record, config.epochs))
         if run.saved:
             done = "run complete" if run.finished else "resuming"
-            log(
-                f"{done}: {run.saved['epoch']} of {config.epochs} epochs restored from {run.folder}"
-            )
+            epochs = f"{run.saved['epoch']} of {config.epochs} epochs"
+            log(f"{done}: {epochs} restored from {shown(run.folder)}")
         try:
             hooks = dict(restore=run.restore, progress=run.progress)
             hooks["on_epoch"] = lambda *state: log(run.saved_epoch(*state))
@@ -191,3 +190,10 @@ def format_duration(seconds: float) -> str:
     if seconds >= 60:
         return f"{seconds // 60} min {seconds % 60} s"
     return f"{seconds} s"
+
+
+def shown(path: Path) -> str:
+    """``path`` relative to the working folder when inside it or its parent (``../runs/lab`` in
+    a notebook), so that a committed log shows no one's home folder; else as it is."""
+    relative = os.path.relpath(path)
+    return str(path) if relative.startswith(os.path.join("..", "..")) else relative
