@@ -364,3 +364,18 @@ def test_committed_names_a_file_that_is_not_json(installed, monkeypatch):
     monkeypatch.chdir(root)
     with pytest.raises(labcnn.LabcnnError, match=r"lab\.json is not JSON"):
         notebook.committed("lab")
+
+
+def test_readings_of_a_run_on_fewer_than_100_test_images(tree_data):
+    """A re-packed copy with a small test set: every reading computes, the batch figures say
+    there is no whole batch of 100 (issue 26, case 1)."""
+    from labcnn.harness import train as fit
+    from labcnn.settings import make_config
+
+    _, train, test = tree_data  # 5 test images per class: 50
+    trained = fit(make_config(epochs=1, batch_size=32, lr=0.001), train, test, log=lambda _: None)
+    found = notebook.readings(trained, train, test)
+    assert found["fixed_batches"] is None and found["epochs"] == 1
+    assert sum(found["predicted"].values()) == len(test[1])
+    assert set(found["dead_units"]) == {"conv1", "conv2", "conv3", "fc1", "fc2"}
+    json.dumps(found)  # plain numbers: results/lab-readings.json holds them
