@@ -211,7 +211,7 @@ def run_verify(args) -> None:
     for key, unit, form in (("accuracy", 100, ".2f"), ("loss", 1, ".4f")):
         sign = "%" if key == "accuracy" else ""
         now, then = f"{result[key] * unit:{form}}{sign}", f"{recorded[key] * unit:{form}}{sign}"
-        allowed = f"{tolerance[key] * unit:.4f}{' points' if sign else ''}"
+        allowed = f"{tolerance[key] * unit:.5f}{' points' if sign else ''}"
         say(
             f"final test {key} {now}, recorded {then} at epoch {len(history)} (tolerance {allowed})"
         )

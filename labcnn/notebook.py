@@ -120,20 +120,24 @@ def readings(trained, train, test) -> dict:
     wrong = (result["predictions"] != labels).nonzero().flatten()
     top = wrong[result["confidence"][wrong].argmax()].item() if len(wrong) else None
     batches = plots.fixed_batch_accuracies(result["predictions"], labels)
-    rises = [(b["test_acc"] - a["test_acc"], b["epoch"]) for a, b in pairs(history)]
+    late = history[10:]  # after epoch 10, when the early climb is over
+    changes = [(b["test_acc"] - a["test_acc"], b["epoch"]) for a, b in pairs(late)]
     return {
         "epochs": len(history),
         "test_acc": result["accuracy"],
         "test_loss": result["loss"],
         "interval": plots.binomial_interval(result["accuracy"], len(labels)),
         "mean_last_10": plots.spread([r["test_acc"] for r in history[-10:]])["mean"],
-        "largest_rise": max(rises, default=(0.0, None)),
+        "largest_rise": max(changes, default=(0.0, None)),
+        "mean_change": plots.spread([abs(c) for c, _ in changes])["mean"] if changes else None,
         "train_acc_running": history[-1]["train_acc"],
         "train_acc_eval": evaluate(trained, *train)["accuracy"],
         "test_acc_bn_recomputed": evaluate(recompute_batchnorm(trained, train[0]), *test)[
             "accuracy"
         ],
-        "per_class": dict(zip(CLASSES, result["per_class_accuracy"], strict=True)),
+        "ranked": sorted(
+            zip(CLASSES, result["per_class_accuracy"], strict=True), key=lambda x: x[1]
+        ),
         "predicted": dict(zip(CLASSES, result["confusion"].sum(0).tolist(), strict=True)),
         "top_error": top
         and [
