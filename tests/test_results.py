@@ -373,7 +373,7 @@ def test_no_relative_time(name):
 
 def test_the_checks_can_fail():
     values = allowed()
-    assert not {"12.34%", "0.1234", "12 min 34 s", "1 h 23 min"} & values
+    assert not {"12.34%", "0.1234", "12 min 34 s", "9 h 59 min"} & values  # no run took these
     name, history = next(iter(HISTORIES.items()))
     f = headline(history)
     good = f"| a run | {f['final_acc']} | {f['final_loss']} | `results/{name}.json` |"
