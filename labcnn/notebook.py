@@ -139,6 +139,7 @@ def readings(trained, train, test) -> dict:
             zip(CLASSES, result["per_class_accuracy"], strict=True), key=lambda x: x[1]
         ),
         "predicted": dict(zip(CLASSES, result["confusion"].sum(0).tolist(), strict=True)),
+        "confused": confused_pairs(result["confusion"]),
         "top_error": top
         and [
             CLASSES[labels[top]],
@@ -151,6 +152,15 @@ def readings(trained, train, test) -> dict:
         "train_mean_over_epochs": plots.mean_over_epochs(history, "train_acc"),
         "fixed_batches": plots.spread(batches.tolist()) if len(batches) else None,
     }
+
+
+def confused_pairs(confusion, count: int = 3) -> list:
+    """The ``count`` largest off-diagonal cells of a confusion matrix: ``[true, predicted, n]``."""
+    off = confusion.clone().fill_diagonal_(-1).flatten()
+    return [
+        [CLASSES[i // 10], CLASSES[i % 10], int(off[i])]
+        for i in off.argsort(descending=True)[:count]
+    ]
 
 
 def side_by_side(label: str, mine: dict, reference: dict | None, show) -> None:
