@@ -19,6 +19,20 @@ ENV = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "CI": "1"}
 QUICK = dict(epochs=2, batch_size=32, lr=0.001)  # a short, stable run on the synthetic data
 
 
+LABCNN = [sys.executable, "-m", "labcnn"]  # the command line, in a subprocess
+
+
+def options(**settings) -> list[str]:
+    """Command-line options for TrainConfig ``settings``: ``batch_size=8`` -> ``--batch-size 8``."""
+    return [a for k, v in settings.items() for a in (f"--{k.replace('_', '-')}", str(v))]
+
+
+def train_args(root, out, epochs, *options) -> list[str]:
+    """``train`` with data from ``root`` into ``out`` on the CPU, and ``options``."""
+    args = ["train", "--data-dir", str(root), "--out", str(out), "--epochs", str(epochs)]
+    return [*args, "--device", "cpu", *map(str, options)]
+
+
 def quiet(line: str) -> None:
     """A ``log`` that drops the lines."""
 

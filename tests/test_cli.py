@@ -15,7 +15,7 @@ import warnings
 
 import pytest
 import torch
-from helpers import ENV, QUICK
+from helpers import ENV, LABCNN, QUICK, options, train_args
 
 from labcnn import checkpoint as K
 from labcnn import cli
@@ -25,18 +25,7 @@ from labcnn.fileio import write_json
 from labcnn.settings import RANGES
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-QUICK_ARGS = [
-    "--epochs",
-    str(QUICK["epochs"]),
-    "--batch-size",
-    str(QUICK["batch_size"]),
-    "--lr",
-    str(QUICK["lr"]),
-    "--subset",
-    "100",
-    "--device",
-    "cpu",
-]
+QUICK_ARGS = [*options(**QUICK, subset=100), "--device", "cpu"]
 
 
 @pytest.fixture(autouse=True)
@@ -595,10 +584,8 @@ def test_a_run_recorded_on_a_gpu_verifies_on_a_cpu_within_the_tf32_tolerance(run
 
 def train_command(root, out, epochs=2):
     """``python -m labcnn train`` on the QUICK settings, as a subprocess's argument list."""
-    return [sys.executable, "-m", "labcnn", "train", "--data-dir", str(root), "--out", str(out)] + [
-        "--epochs", str(epochs), "--batch-size", "32", "--lr", "0.001", "--subset", "100",
-        "--device", "cpu",
-    ]  # fmt: skip
+    quick = options(batch_size=QUICK["batch_size"], lr=QUICK["lr"], subset=100)
+    return [*LABCNN, *train_args(root, out, epochs, *quick)]
 
 
 def test_training_without_a_stderr_writes_every_epoch(tree_data, tmp_path):

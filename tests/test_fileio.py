@@ -12,23 +12,14 @@ import threading
 
 import pytest
 import torch
-from helpers import ENV, QUICK, without_root_override
+from helpers import ENV, LABCNN, QUICK, options, train_args, without_root_override
 
 from labcnn import RunFolderBusy, WriteError
 from labcnn import fileio as F
 from labcnn.cli import main
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-TRAIN = [
-    "--epochs",
-    "1",
-    "--batch-size",
-    str(QUICK["batch_size"]),
-    "--lr",
-    str(QUICK["lr"]),
-    "--device",
-    "cpu",
-]
+TRAIN = [*options(**{**QUICK, "epochs": 1}), "--device", "cpu"]
 
 
 @pytest.fixture(autouse=True)
@@ -243,26 +234,12 @@ def test_reason():
     assert F.reason(RuntimeError()) == "RuntimeError"
 
 
+BUSY = ("--subset", 80, "--batch-size", 8)  # 1000 epochs: a run that lasts until killed
+
+
 def start(root, out):
     """A training subprocess that runs until killed."""
-    command = [
-        sys.executable,
-        "-m",
-        "labcnn",
-        "train",
-        "--data-dir",
-        str(root),
-        "--out",
-        str(out),
-        "--epochs",
-        "1000",
-        "--subset",
-        "80",
-        "--batch-size",
-        "8",
-        "--device",
-        "cpu",
-    ]
+    command = [*LABCNN, *train_args(root, out, 1000, *BUSY)]
     return subprocess.Popen(
         command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV
     )
@@ -279,21 +256,7 @@ def test_a_second_run_into_a_folder_in_use_is_refused_and_a_killed_run_leaves_no
     try:
         line = next((line for line in first.stdout if line.startswith("device: ")), None)
         assert line is not None, first.stderr.read()  # it holds the lock when it says so
-        args = [
-            "train",
-            "--data-dir",
-            str(root),
-            "--out",
-            str(out),
-            "--epochs",
-            "1000",
-            "--subset",
-            "80",
-            "--batch-size",
-            "8",
-            "--device",
-            "cpu",
-        ]
+        args = train_args(root, out, 1000, *BUSY)
         assert main(args) == 2
         assert capsys.readouterr().err == (
             f"error: {out} is in use by another training process: "

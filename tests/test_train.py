@@ -7,13 +7,12 @@ import math
 import random
 import signal
 import subprocess
-import sys
 import threading
 import time
 
 import pytest
 import torch
-from helpers import ENV, QUICK, quiet, without_times
+from helpers import ENV, LABCNN, QUICK, options, quiet, train_args, without_times
 from synthetic import load, make_dataset, make_images
 from torchvision.transforms.v2 import functional as TF
 
@@ -439,21 +438,8 @@ TRAIN_ARGS = dict(subset=96, batch_size=8, lr=0.002, seed=3)
 
 
 def start_train(root, out, epochs, **popen):
-    command = [
-        sys.executable,
-        "-m",
-        "labcnn",
-        "train",
-        "--data-dir",
-        str(root),
-        "--out",
-        str(out),
-        "--epochs",
-        str(epochs),
-        "--device",
-        "cpu",
-    ]
-    command += [a for k, v in TRAIN_ARGS.items() for a in (f"--{k.replace('_', '-')}", str(v))]
+    command = [*LABCNN, *train_args(root, out, epochs)]
+    command += options(**TRAIN_ARGS)
     # A shell's background job starts with SIGINT ignored, and a child inherits that: give it back
     # its default, so Ctrl-C reaches the run however the tests were started.
     proc = subprocess.Popen(
