@@ -141,13 +141,14 @@ def load_checkpoint(path) -> dict:
     return state
 
 
-def load_trained(path, device="cpu", normalization: Normalization | None = None) -> Trained:
+def load_trained(path, device="cpu", normalization=None, state=None) -> Trained:
     """The one model loader: a labcnn checkpoint, or an exported, bare or wrapped state dict,
-    with its own normalization, else the lab's, unless ``normalization`` is given. Returns a
-    Trained in eval mode, ``channels_last``, on ``device``; ``note`` says whence its
-    normalization came. Raises CheckpointError."""
+    with its own normalization, else the lab's, unless ``normalization`` is given; ``state``:
+    the file as :func:`read_file` gave it, if already read. Returns a Trained in eval mode,
+    ``channels_last``, on ``device``; ``note`` says whence its normalization came. Raises
+    CheckpointError."""
     path = Path(path).expanduser()
-    state = read_file(path)
+    state = read_file(path) if state is None else state
     norm = state.get("normalization") if isinstance(state, dict) else None
     try:
         saved = Normalization(norm["mean"], norm["std"]) if isinstance(norm, dict) else None

@@ -180,7 +180,8 @@ def run_verify(args) -> None:
     weights, history_path = (args.run / CHECKPOINT, args.run / HISTORY)
     if not args.run.is_dir():
         weights, history_path = args.run, args.run.with_suffix(".json")
-    trained, saved = load_trained(weights), read_file(weights)
+    saved = read_file(weights)  # read once: the weights and an export's history SHA-256
+    trained = load_trained(weights, state=saved)
     history = read_json(history_path, "a run's history")
     try:
         last = history[-1]
