@@ -219,6 +219,8 @@ def run_verify(args) -> None:
         if abs(result[key] - recorded[key]) > tolerance[key]:
             problems.append(f"the test {key} of the weights is {now}, the history says {then}")
     say(f"evaluated on {here}; recorded on {there}")
+    if trained.config is not None and len(history) < trained.config.epochs:
+        say(f"an unfinished run: {len(history)} of {trained.config.epochs} epochs")
     say(*(f"{name} {value}" for name, value in facts.items()))
     if args.notebook is not None:
         problems += notebook_mismatches(args.notebook, f"{recorded['accuracy']:.2%}", facts)

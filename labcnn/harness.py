@@ -41,12 +41,12 @@ def train(config, train_data, test_data, run_dir=None, device=None, log=print, m
     run.steps = math.ceil(images / config.batch_size)
     with run.opened():
         log(f"device: {run.device_line}")
-        for record in run.saved["history"] if run.saved else []:
-            log(format_epoch(record, config.epochs))
-        if run.saved:
+        if run.saved:  # said first, so that the saved epochs' lines are not taken for new ones
             done = "run complete" if run.finished else "resuming"
             epochs = f"{run.saved['epoch']} of {config.epochs} epochs"
             log(f"{done}: {epochs} restored from {shown(run.folder)}")
+        for record in run.saved["history"] if run.saved else []:
+            log(format_epoch(record, config.epochs))
         try:
             hooks = dict(restore=run.restore, progress=run.progress)
             hooks["on_epoch"] = lambda *state: log(run.saved_epoch(*state))
