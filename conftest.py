@@ -44,3 +44,4 @@ def pytest_collectstart(collector):
     """Do not compare stderr (warnings, progress bars) of the notebook's cells."""
     if collector.path and collector.path.suffix == ".ipynb":
         collector.skip_compare += ("stderr",)
+

@@ -5,7 +5,7 @@ import hashlib
 import json
 import pickle
 import zipfile
-from dataclasses import astuple
+from dataclasses import asdict, astuple
 from pathlib import Path
 
 import torch
@@ -13,7 +13,7 @@ import torch
 from labcnn import CheckpointError, ConfigError
 from labcnn.fileio import atomic_write, broken_link
 from labcnn.model import LAB_NORMALIZATION, LabCNN, Normalization, Trained
-from labcnn.settings import config_dict, config_from_dict
+from labcnn.settings import config_from_dict
 
 FORMAT, VERSION = "labcnn-checkpoint", 2  # version 1: no data fingerprints, no scaler
 CHECKPOINT, HISTORY = "checkpoint.pt", "history.json"
@@ -45,16 +45,11 @@ def provenance(model, history: list[dict]) -> dict[str, str]:
     return {"weights sha256": weights.hexdigest(), "history sha256": history.hexdigest()}
 
 
-def normalization_dict(normalization: Normalization) -> dict:
-    """``normalization`` as plain lists, which ``weights_only`` loading reads."""
-    return {"mean": list(normalization.mean), "std": list(normalization.std)}
-
-
 def export(path, trained: Trained) -> None:
     """Write ``trained``'s state dict (2.4 MB), normalization and history SHA-256; WriteError."""
     state = {
         "state_dict": trained.model.state_dict(),
-        "normalization": normalization_dict(trained.normalization),
+        "normalization": asdict(trained.normalization),  # tuples, which weights_only reads
         "history_sha256": provenance(trained.model, trained.history)["history sha256"],
     }
     atomic_write(path, lambda f: torch.save(state, f))
@@ -68,8 +63,8 @@ def save(path: Path, trained: Trained, data: dict, state: dict) -> None:
         "epoch": trained.epoch,
         "history": trained.history,
         "data": data,
-        "config": config_dict(trained.config),
-        "normalization": normalization_dict(trained.normalization),
+        "config": asdict(trained.config),
+        "normalization": asdict(trained.normalization),  # tuples, which weights_only reads
     }
     for key, part in state.items():  # a missing scheduler is stored as None
         checkpoint[key] = part.state_dict() if part is not None else None
@@ -158,9 +153,15 @@ def load_trained(path, device="cpu", normalization=None, state=None) -> Trained:
     if config is not None:
         trained = Trained(LabCNN(), saved, config, state["history"])
         weights, source = state["model"], "normalization: the checkpoint's"
-    else:  # a state dict, with its normalization if export() wrote it
+    else:  # a state dict, bare or under a WRAPPERS key, with its normalization if export() wrote it
         trained = Trained(LabCNN(), saved or LAB_NORMALIZATION)
-        weights = bare_state_dict(path, state)
+        weights = state
+        if isinstance(state, dict) and not is_state_dict(state):
+            weights = next((state[k] for k in WRAPPERS if is_state_dict(state.get(k))), state)
+        if not is_state_dict(weights):
+            raise CheckpointError(
+                f"{path} is not a labcnn checkpoint nor a state dict: {describe(state)}; {ACCEPTED}"
+            )
         source = "normalization: the exported run's"
         if not saved:
             source = f"{path} is a bare state dict: normalization is the lab's"
@@ -180,17 +181,6 @@ def is_state_dict(value) -> bool:
     if not isinstance(value, dict) or not value:
         return False
     return all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in value.items())
-
-
-def bare_state_dict(path, state) -> dict:
-    """The state dict in ``state``, bare or under a WRAPPERS key; else CheckpointError."""
-    if isinstance(state, dict) and not is_state_dict(state):
-        state = next((state[k] for k in WRAPPERS if is_state_dict(state.get(k))), state)
-    if not is_state_dict(state):
-        raise CheckpointError(
-            f"{path} is not a labcnn checkpoint nor a state dict: {describe(state)}; {ACCEPTED}"
-        )
-    return state
 
 
 def without_prefixes(weights: dict) -> dict:

@@ -12,7 +12,16 @@ import threading
 import warnings
 from pathlib import Path
 
-from labcnn import LabcnnError
+from labcnn import LabcnnError, harness
+from labcnn.animations import make_gifs, refresh_notebook
+from labcnn.checkpoint import CHECKPOINT, HISTORY, load_trained, provenance, read_file
+from labcnn.data import CLASSES, load_cifar10
+from labcnn.device import describe_device, precision_name, select_device, set_threads, tf32_emulated
+from labcnn.fileio import read_json, read_notebook, write_json
+from labcnn.lab import evaluate
+from labcnn.model import COLLAPSE_NORM, Normalization, collapsed_filters
+from labcnn.notebook import checkout_root
+from labcnn.settings import RANGES, RECIPES, make_config
 
 CHECKPOINT_HELP = "RUN/checkpoint.pt, or a file holding LabCNN's state_dict"
 DEVICE_HELP = "auto, cpu, cuda, cuda:N or mps (default: auto, the best available)"
@@ -42,7 +51,6 @@ class Parser(argparse.ArgumentParser):
 
 def ranged(key: str):
     """An argparse type reading an option through the one range table, ``RANGES[key]``."""
-    from labcnn.settings import RANGES
 
     def parse(text):
         try:
@@ -73,8 +81,6 @@ def say(*lines) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The parser of every command; each option's range and help come from ``RANGES``."""
-    from labcnn.settings import RANGES, RECIPES
-
     parser = Parser(prog="python -m labcnn", description="The lab's simple CNN for CIFAR-10.")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
     train = commands.add_parser("train", help="train; resumes when --out holds a checkpoint")
@@ -115,24 +121,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 def load_split(args, train: bool):
     """One split of the data the options name (``--data-dir``, ``--download``, ...)."""
-    from labcnn.data import load_cifar10
-
     return load_cifar10(args.data_dir, train, args.download, args.verify, args.download_url)
 
 
 def run_train(args) -> None:
     """``train``: the recipe with the options given, into ``--out``, resuming it."""
-    from labcnn.device import select_device, set_threads
-    from labcnn.harness import train
-    from labcnn.settings import make_config
-
     config = make_config(args.recipe, **{k: getattr(args, k) for k in [*TRAIN_OPTIONS, "amp"]})
     set_threads()
     device = select_device(args.device)  # checked before any data is loaded
     train_data, test_data = load_split(args, True), load_split(args, False)
     sizes = f"{len(train_data[1])} training and {len(test_data[1])} test images"
     say(f"data: {sizes} from {args.data_dir}")
-    last = train(config, train_data, test_data, args.out, device, log=say).history[-1]
+    last = harness.train(config, train_data, test_data, args.out, device, log=say).history[-1]
     say(
         f"final test accuracy {last['test_acc']:.2%}, test loss {last['test_loss']:.4f}; "
         f"results in {args.out}"
@@ -141,12 +141,6 @@ def run_train(args) -> None:
 
 def run_evaluate(args) -> None:
     """``evaluate``: a checkpoint or state dict on the test set, per class and confused."""
-    from labcnn.checkpoint import load_trained
-    from labcnn.data import CLASSES
-    from labcnn.device import select_device, set_threads
-    from labcnn.lab import evaluate
-    from labcnn.model import Normalization
-
     if (args.mean is None) != (args.std is None):
         raise LabcnnError("--mean and --std go together: give three values for each")
     set_threads()
@@ -172,11 +166,6 @@ def run_evaluate(args) -> None:
 def run_verify(args) -> None:
     """``verify``: re-evaluate a run's final weights on the test set and compare its history's
     last figures, within what evaluating on another device can move; VerifyFailed if not."""
-    from labcnn.checkpoint import CHECKPOINT, HISTORY, load_trained, provenance, read_file
-    from labcnn.device import describe_device, precision_name, tf32_emulated
-    from labcnn.fileio import read_json
-    from labcnn.lab import evaluate
-
     weights, history_path = (args.run / CHECKPOINT, args.run / HISTORY)
     if not args.run.is_dir():
         weights, history_path = args.run, args.run.with_suffix(".json")
@@ -232,8 +221,6 @@ def run_verify(args) -> None:
 
 def notebook_mismatches(notebook: Path, accuracy: str, facts: dict) -> list[str]:
     """What the notebook's outputs print that differs from the run's figures and hashes."""
-    from labcnn.fileio import read_notebook
-
     outputs = [o for cell in read_notebook(notebook)["cells"] for o in cell.get("outputs", [])]
     text = "".join("".join(o.get("text", "")) for o in outputs if isinstance(o, dict))
     printed = re.findall(r"final test accuracy (\d+\.\d\d%)", text)
@@ -251,10 +238,6 @@ def notebook_mismatches(notebook: Path, accuracy: str, facts: dict) -> list[str]
 
 def run_filters(args) -> None:
     """``filters``: count each convolution's collapsed filters in each checkpoint."""
-    from labcnn.checkpoint import load_trained
-    from labcnn.fileio import write_json
-    from labcnn.model import COLLAPSE_NORM, collapsed_filters
-
     counts = {}
     for checkpoint in args.checkpoints:
         found = collapsed_filters(load_trained(checkpoint).model)
@@ -267,8 +250,6 @@ def run_filters(args) -> None:
 
 def run_gifs(args) -> None:
     """``gifs``: write the GIFs and refresh the notebook's copies of them."""
-    from labcnn.animations import make_gifs, refresh_notebook
-
     gifs = make_gifs(args.out)
     say(*(f"wrote {gif} ({gif.stat().st_size / 1024:.0f} KiB)" for gif in gifs))
     if args.notebook.is_file() and refresh_notebook(args.notebook, gifs):
@@ -277,8 +258,6 @@ def run_gifs(args) -> None:
 
 def run_bench(args) -> None:
     """``bench``: benchmarks/bench.py of the checkout (the benchmark is not in the package)."""
-    from labcnn.notebook import checkout_root
-
     root = checkout_root()
     if root is None or not (root / "benchmarks" / "bench.py").is_file():
         raise LabcnnError("bench runs from a checkout of the repository (benchmarks/bench.py)")

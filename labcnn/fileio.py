@@ -11,7 +11,7 @@ import shutil
 import tempfile
 import time
 import warnings
-from contextlib import contextmanager, suppress
+from contextlib import ExitStack, contextmanager, suppress
 from pathlib import Path
 
 from labcnn import LabcnnError, RunFolderBusy, WriteError
@@ -147,30 +147,22 @@ def staged_dir(target):
 @contextmanager
 def run_lock(folder):
     """Hold ``flock`` on ``folder/.lock`` for the block; RunFolderBusy when another process holds
-    it. Without locks (NFS without lockd, Lustre/GPFS without flock, some FUSE mounts) or a lock
-    file, the run goes on after one warning; another flock failure is a WriteError."""
+    it. Without locks (Windows; NFS without lockd, Lustre/GPFS without flock, some FUSE mounts)
+    or a lock file, the run goes on after one warning; another flock failure is a WriteError."""
     lock, tip = Path(folder) / ".lock", "make sure no other run trains into it"
-    try:
-        handle = open(lock, "ab") if fcntl is not None else None  # noqa: SIM115 (held for the block)
-    except OSError as e:
-        handle = None
-        warn_once(f"cannot lock {folder} ({reason(e)}): {tip}")
-    try:
-        if handle is not None:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        handle.close()
-        raise RunFolderBusy(
-            f"{folder} is in use by another training process: wait for it to end, "
-            "or choose another --out folder"
-        ) from None
-    except OSError as e:
-        if e.errno not in UNSUPPORTED:
-            handle.close()
-            raise WriteError(lock, reason(e)) from None
-        warn_once(f"cannot lock {folder} ({reason(e)}; this file system has no locks): {tip}")
-    try:
+    with ExitStack() as held:  # closes the lock file, which releases the lock, after the block
+        try:
+            handle = held.enter_context(open(lock, "ab"))
+            if fcntl is not None:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RunFolderBusy(
+                f"{folder} is in use by another training process: wait for it to end, "
+                "or choose another --out folder"
+            ) from None
+        except OSError as e:
+            if e.filename is None and e.errno not in UNSUPPORTED:  # flock's own failure
+                raise WriteError(lock, reason(e)) from None
+            why = reason(e) if e.filename else f"{reason(e)}; this file system has no locks"
+            warn_once(f"cannot lock {folder} ({why}): {tip}")
         yield
-    finally:
-        if handle is not None:
-            handle.close()

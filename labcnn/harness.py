@@ -18,9 +18,7 @@ from labcnn.device import amp_dtype, describe_device, precision_name, select_dev
 from labcnn.fileio import make_dir, read_json, run_lock, write_json
 from labcnn.lab import check_sizes, fit
 from labcnn.model import LabCNN
-from labcnn.plots import save_curves
-
-TIME_FIELDS = ("seconds", "elapsed_train_seconds", "device")  # all that differs between runs
+from labcnn.plots import save_curves, usable_backend
 
 
 def train(config, train_data, test_data, run_dir=None, device=None, log=print, model=None):
@@ -32,6 +30,7 @@ def train(config, train_data, test_data, run_dir=None, device=None, log=print, m
     DeviceError before writing anything; CheckpointError, WriteError, RunFolderBusy;
     TrainingDiverged (NaN or inf; the last finite checkpoint is kept)."""
     check_sizes(config, len(train_data[1]))
+    usable_backend()  # before the first epoch, whose curves it draws
     device = select_device(device)
     dtype = amp_dtype(device, config.amp)
     data = {"train": ckpt.fingerprint(*train_data), "test": ckpt.fingerprint(*test_data)}

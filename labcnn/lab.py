@@ -10,7 +10,6 @@ time, as airbench does, instead of image by image through a DataLoader.
 
 from __future__ import annotations
 
-import copy
 import math
 import time
 
@@ -121,25 +120,6 @@ def evaluate(trained: Trained, images, labels, batch_size: int = 1000) -> dict:
         "predictions": predictions,
         "confidence": confidence,
     }
-
-
-@torch.no_grad()
-def recompute_batchnorm(trained: Trained, images, batch_size: int = 1000) -> Trained:
-    """A copy of ``trained`` whose BatchNorm running statistics are recomputed as plain averages
-    over ``images`` (uint8 ``[N, 3, 32, 32]``) with the final weights, in train mode: a
-    measurement of how much the running averages, collected while the weights moved, cost."""
-    model = copy.deepcopy(trained.model)
-    device = next(model.parameters()).device
-    for module in model.modules():
-        if isinstance(module, nn.BatchNorm2d):
-            module.reset_running_stats()
-            module.momentum = None  # None: a cumulative average over all the batches
-    model.train()
-    stats = trained.normalization.tensors(device)
-    for start in range(0, len(images), batch_size):
-        x = trained.normalization(images[start : start + batch_size].to(device), stats)
-        model(x.contiguous(memory_format=torch.channels_last))
-    return Trained(model.eval(), trained.normalization, trained.config, trained.history)
 
 
 def make_optimizer(config: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:

@@ -175,19 +175,3 @@ def collapsed_filters(model: LabCNN, threshold: float = COLLAPSE_NORM) -> dict:
     """``{conv: (filters with an L2 norm below threshold, filters)}`` for conv1 to conv3."""
     weights = {name: getattr(model, name)[0].weight for name in ("conv1", "conv2", "conv3")}
     return {name: (int((filter_norms(w) < threshold).sum()), len(w)) for name, w in weights.items()}
-
-
-def dead_units(model: LabCNN, threshold: float = COLLAPSE_NORM) -> dict:
-    """``{layer: (units that output a constant, units)}``. A convolution's channel is dead when
-    its BatchNorm scale is below ``threshold`` in size and its shift at most 0: the ReLU after it
-    outputs 0 for any input. A row of ``fc1`` or ``fc2`` is when its weights' L2 norm is below
-    ``threshold``: it outputs its bias, whatever the image."""
-    counts = {}
-    for name in ("conv1", "conv2", "conv3"):
-        norm = getattr(model, name)[1]
-        dead = (norm.weight.detach().abs() < threshold) & (norm.bias.detach() <= 0)
-        counts[name] = (int(dead.sum()), len(dead))
-    for name in ("fc1", "fc2"):
-        rows = getattr(model, name).weight.detach().float().norm(dim=1)
-        counts[name] = (int((rows < threshold).sum()), len(rows))
-    return counts

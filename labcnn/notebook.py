@@ -5,19 +5,15 @@ runs are, and where its figures go."""
 import os
 import warnings
 from dataclasses import dataclass
-from itertools import pairwise as pairs
 from pathlib import Path
 
 import torch
 
 import labcnn
 from labcnn import plots
-from labcnn.checkpoint import export
-from labcnn.data import CLASSES, load_cifar10
+from labcnn.data import load_cifar10
 from labcnn.device import select_device, set_threads
-from labcnn.fileio import read_json, write_json
-from labcnn.lab import evaluate, recompute_batchnorm
-from labcnn.model import collapsed_filters, dead_units
+from labcnn.fileio import read_json
 from labcnn.settings import RANGES, TrainConfig, make_config
 
 RESULTS_PLACES = "the imported labcnn's checkout, this folder and its parents, ./labcnn, ../labcnn"
@@ -109,69 +105,3 @@ def notebook_settings(
         run_dir=runs / ("lab" if reference else run_name),  # where train --out runs/lab writes
         images_dir=where("IMAGES_DIR", "Images") if keep_images else None,
     )
-
-
-def readings(trained, train, test) -> dict:
-    """What the report reads off a run, as plain numbers (fractions, counts) from its final
-    weights and history on ``train`` and ``test`` (``(uint8 [N, 3, 32, 32], int64 [N])``): the
-    notebook prints a student's beside the reference run's ``results/lab-readings.json``."""
-    history, (images, labels) = trained.history, test
-    result = evaluate(trained, images, labels)
-    wrong = (result["predictions"] != labels).nonzero().flatten()
-    top = wrong[result["confidence"][wrong].argmax()].item() if len(wrong) else None
-    batches = plots.fixed_batch_accuracies(result["predictions"], labels)
-    late = history[10:]  # after epoch 10, when the early climb is over
-    changes = [(b["test_acc"] - a["test_acc"], b["epoch"]) for a, b in pairs(late)]
-    return {
-        "epochs": len(history),
-        "test_acc": result["accuracy"],
-        "test_loss": result["loss"],
-        "interval": plots.binomial_interval(result["accuracy"], len(labels)),
-        "mean_last_10": plots.spread([r["test_acc"] for r in history[-10:]])["mean"],
-        "largest_rise": max(changes, default=(0.0, None)),
-        "mean_change": plots.spread([abs(c) for c, _ in changes])["mean"] if changes else None,
-        "train_acc_running": history[-1]["train_acc"],
-        "train_acc_eval": evaluate(trained, *train)["accuracy"],
-        "test_acc_bn_recomputed": evaluate(recompute_batchnorm(trained, train[0]), *test)[
-            "accuracy"
-        ],
-        "ranked": sorted(
-            zip(CLASSES, result["per_class_accuracy"], strict=True), key=lambda x: x[1]
-        ),
-        "predicted": dict(zip(CLASSES, result["confusion"].sum(0).tolist(), strict=True)),
-        "confused": confused_pairs(result["confusion"]),
-        "top_error": top
-        and [
-            CLASSES[labels[top]],
-            CLASSES[result["predictions"][top]],
-            result["confidence"][top].item(),
-        ],
-        "collapsed_filters": collapsed_filters(trained.model),
-        "dead_units": dead_units(trained.model),
-        "mean_over_epochs": plots.mean_over_epochs(history, "test_acc"),
-        "train_mean_over_epochs": plots.mean_over_epochs(history, "train_acc"),
-        "fixed_batches": plots.spread(batches.tolist()) if len(batches) else None,
-    }
-
-
-def confused_pairs(confusion, count: int = 3) -> list:
-    """The ``count`` largest off-diagonal cells of a confusion matrix: ``[true, predicted, n]``."""
-    off = confusion.clone().fill_diagonal_(-1).flatten()
-    return [
-        [CLASSES[i // 10], CLASSES[i % 10], int(off[i])]
-        for i in off.argsort(descending=True)[:count]
-    ]
-
-
-def side_by_side(label: str, mine: dict, reference: dict | None, show) -> None:
-    """Print ``label``: ``show(readings)`` of this run, then of the reference run."""
-    theirs = show(reference) if reference else "not found (results/ of a checkout)"
-    print(f"{label}\n  this run:      {show(mine)}\n  reference run: {theirs}")
-
-
-def export_reference(trained, found: dict, results: Path) -> None:
-    """Write the reference run into ``results/``: its weights ``lab.pt``, history ``lab.json``
-    and :func:`readings` ``lab-readings.json``, which the notebook prints beside other runs."""
-    export(results / "lab.pt", trained)
-    write_json(results / "lab.json", trained.history)
-    write_json(results / "lab-readings.json", found)

@@ -1,9 +1,7 @@
-"""The report's figures, drawn without pyplot, and the statistics it reads off runs (accuracies
-are fractions; losses nats per image)."""
+"""The report's figures, drawn without pyplot (accuracies are fractions; losses nats per image)."""
 
 import importlib.util
 import io
-import statistics
 from pathlib import Path
 
 import matplotlib
@@ -25,12 +23,6 @@ SPLITS = {
     "test": "test (eval mode)",
 }
 RED = "firebrick"  # collapsed filters
-ORIGINAL = {
-    "test_acc": (0.6926, "mean over epochs of the last test batch's accuracy"),
-    "train_acc": (0.6742, "the same for the last training batch"),
-    "train_loss": (0.00907, "mean over epochs of summed batch-mean losses / images"),
-    "test_loss": (0.00946, "the same on the test set: about a per-image loss / 100"),
-}
 
 
 def usable_backend() -> None:
@@ -42,9 +34,6 @@ def usable_backend() -> None:
     if module and importlib.util.find_spec(module.split(".")[0]) is None:
         warn_once(f"matplotlib backend {backend!r} (MPLBACKEND) cannot be imported: using Agg")
         matplotlib.use("Agg")
-
-
-usable_backend()
 
 
 def save(fig: Figure, path) -> None:
@@ -174,28 +163,3 @@ def plot_filters(weight: torch.Tensor, ncols: int = 8) -> Figure:
     fig.colorbar(image, ax=axes, label="weight", shrink=0.9)
     fig.suptitle(f"L2 norm < {COLLAPSE_NORM:g} in red: collapsed ({sum(collapsed)} of {len(w)})")
     return fig
-
-
-def mean_over_epochs(history: list[dict], key: str) -> float:
-    """The mean of ``key`` over all epochs: how the original report measured its accuracy."""
-    return statistics.fmean(r[key] for r in history)
-
-
-def spread(values: list[float]) -> dict[str, float]:
-    """``mean``, sample ``std`` (0 for one value), ``min`` and ``max`` of ``values``."""
-    std = statistics.stdev(values) if len(values) > 1 else 0.0
-    return {"mean": statistics.fmean(values), "std": std, "min": min(values), "max": max(values)}
-
-
-def fixed_batch_accuracies(predictions, labels, batch_size: int = 100, seed: int = 0):
-    """Accuracies (float64 ``[N // batch_size]``) of the batches of one seeded test-set order."""
-    correct = (predictions.cpu() == labels.cpu()).double()
-    correct = correct[torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))]
-    return correct[: len(labels) // batch_size * batch_size].view(-1, batch_size).mean(1)
-
-
-def binomial_interval(accuracy: float, n: int, z: float = 1.96) -> float:
-    """Half-width (fraction) of the normal-approximation interval of an accuracy on ``n`` images."""
-    if not 0 <= accuracy <= 1 or n < 1:
-        raise ConfigError(f"expected an accuracy in [0, 1] and n >= 1, got {accuracy} and {n}")
-    return z * (accuracy * (1 - accuracy) / n) ** 0.5

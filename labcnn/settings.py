@@ -5,10 +5,10 @@ and the notebook's ``LABCNN_*`` variables alike."""
 import math
 import operator
 from contextlib import suppress
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 
 from labcnn import ConfigError
-from labcnn.model import LAB_MEAN, LAB_STD
+from labcnn.model import LAB_MEAN, LAB_STD, Normalization
 
 TRUE = ("1", "true", "yes", "on", "y")
 FALSE = ("0", "false", "no", "off", "n")
@@ -84,8 +84,6 @@ RECIPES = {
 # The improved recipe for a 2-epoch budget: no augmentation, batch 64 (results/README.md).
 RECIPES["fast"] = {**RECIPES["improved"], "epochs": 2, "augment": False, "batch_size": 64}
 
-COUNT = Range(int, (">=", 1))
-FRACTION = Range(float, (">=", 0), ("<", 1))
 RANGES = {
     "recipe": Range(str, choices=tuple(RECIPES), help="named settings"),
     "optimizer": Range(str, choices=("adam", "adamw", "sgd")),
@@ -93,10 +91,10 @@ RANGES = {
     "amp": Range(str, choices=("off", "auto", "bf16", "fp16"), help="mixed precision"),
     "epochs": Range(int, (">=", 1), help="passes over the training set"),
     "batch_size": Range(int, (">=", 1), help="images per step"),
-    "eval_batch_size": COUNT,
+    "eval_batch_size": Range(int, (">=", 1)),
     "rounds": Range(int, (">=", 1), help="alternating rounds; each contender's fastest counts"),
     "images_per_round": Range(int, (">=", 1), help="images per contender per round"),
-    "momentum": FRACTION,
+    "momentum": Range(float, (">=", 0), ("<", 1)),
     "label_smoothing": Range(float, (">=", 0), ("<", 1), help="cross-entropy label smoothing"),
     "lr": Range(float, (">", 0), help="learning rate (the peak of a one-cycle schedule)"),
     "weight_decay": Range(float, (">=", 0), help="L2 penalty (decoupled for AdamW)"),
@@ -144,16 +142,17 @@ class TrainConfig:
         for name, allowed in RANGES.items():
             if name in self.__dataclass_fields__ and not allowed.holds(getattr(self, name)):
                 bad.append(f"{name}={getattr(self, name)!r} (expected {allowed.expected()})")
-        for name, low in (("mean", -math.inf), ("std", 0.0)):
-            value = getattr(self, name)
-            try:
-                if value is not None:  # stored as a tuple of floats, whatever sequence is given
-                    value = tuple(map(float, value))
-                    if len(value) != 3 or not all(low < v < math.inf for v in value):
-                        raise ValueError
-            except (TypeError, ValueError):
-                bad.append(f"{name}={value!r} (expected three finite numbers)")
-            object.__setattr__(self, name, value)
+        if (self.mean is None) != (self.std is None):
+            bad.append(
+                f"mean={self.mean!r}, std={self.std!r} (give both, or neither to measure them)"
+            )
+        elif self.mean is not None:
+            try:  # stored as tuples of floats, whatever sequences are given
+                normalization = Normalization(self.mean, self.std)
+                object.__setattr__(self, "mean", normalization.mean)
+                object.__setattr__(self, "std", normalization.std)
+            except ConfigError as e:
+                bad.append(str(e))
         if bad:
             raise ConfigError(f"invalid TrainConfig {'; '.join(bad)}")
 
@@ -167,11 +166,6 @@ def make_config(recipe: str = "lab", **overrides) -> TrainConfig:
         raise ConfigError(f"unknown TrainConfig fields {sorted(unknown)}")
     given = {k: v for k, v in overrides.items() if v is not None}
     return TrainConfig(**{**RECIPES[recipe], "recipe": recipe, **given})
-
-
-def config_dict(config: TrainConfig) -> dict:
-    """``config`` as plain JSON values (tuples become lists), as checkpoints store it."""
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(config).items()}
 
 
 def config_from_dict(saved: dict) -> TrainConfig:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -10,12 +11,12 @@ from contextlib import contextmanager
 from functools import partial
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-
-from labcnn.harness import TIME_FIELDS
+from types import SimpleNamespace
 
 REPO = Path(__file__).resolve().parents[1]
 # Subprocesses: the checkout's package, one thread (tiny models train faster), no progress bars.
 ENV = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "CI": "1"}
+TIME_FIELDS = ("seconds", "elapsed_train_seconds", "device")  # what differs between two runs
 QUICK = dict(epochs=2, batch_size=32, lr=0.001)  # a short, stable run on the synthetic data
 
 
@@ -97,3 +98,14 @@ def serve(folder: Path):
     finally:
         server.shutdown()
         server.server_close()
+
+
+def report_code() -> SimpleNamespace:
+    """What the report notebook's cells tagged ``readings`` define (``readings``, ``spread``,
+    ``ORIGINAL``, ...), run as the notebook runs them: its readings' one home."""
+    notebook = json.loads((REPO / "notebooks" / "lab1_cnn_cifar10.ipynb").read_text("utf-8"))
+    namespace = {}
+    for cell in notebook["cells"]:
+        if "readings" in cell["metadata"].get("tags", []):
+            exec("".join(cell["source"]), namespace)
+    return SimpleNamespace(**namespace)

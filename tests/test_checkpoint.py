@@ -8,6 +8,7 @@ import os
 import random
 import re
 import shutil
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -19,7 +20,7 @@ from labcnn import checkpoint as C
 from labcnn.harness import train as fit
 from labcnn.lab import evaluate
 from labcnn.model import LAB_NORMALIZATION, LabCNN, Normalization, Trained
-from labcnn.settings import config_dict, make_config
+from labcnn.settings import make_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 RUN_FILES = [".lock", "accuracy.png", "checkpoint.pt", "history.json", "loss.png"]
@@ -59,7 +60,7 @@ def checkpoint_state(**changes):
         "scheduler": None,
         "epoch": 0,
         "history": [],
-        "config": config_dict(make_config()),
+        "config": asdict(make_config()),
         "normalization": {"mean": [0.5] * 3, "std": [0.25] * 3},
     }
     return {k: v for k, v in {**state, **changes}.items() if v is not ...}
@@ -124,10 +125,10 @@ def write_bad(path: Path, kind: str) -> None:
             "incomplete": lambda: checkpoint_state(history=...),
             "newer format": lambda: checkpoint_state(format="labcnn-checkpoint-99"),
             "unknown setting": lambda: checkpoint_state(
-                config={**config_dict(make_config()), "mixup": 0.2}
+                config={**asdict(make_config()), "mixup": 0.2}
             ),
             "removed feature": lambda: checkpoint_state(
-                config={**config_dict(make_config()), "ema": 0.999}
+                config={**asdict(make_config()), "ema": 0.999}
             ),
         }[kind](),
         path,
@@ -151,7 +152,7 @@ def test_resume_from_a_bad_checkpoint_is_refused_and_overwrites_nothing(tree_dat
     path = tmp_path / "checkpoint.pt"
     if kind == "other model":  # the run's settings, so only the weights differ
         torch.save(
-            checkpoint_state(model=torch.nn.Linear(2, 2).state_dict(), config=config_dict(CONFIG)),
+            checkpoint_state(model=torch.nn.Linear(2, 2).state_dict(), config=asdict(CONFIG)),
             path,
         )
     else:
@@ -234,11 +235,8 @@ def test_checkpoint_is_plain_and_complete(tree_data, run):
         "data",
     }
     assert state["format"] == "labcnn-checkpoint-2" and state["epoch"] == len(state["history"]) == 1
-    assert state["config"] == config_dict(CONFIG) and state["config"]["epochs"] == 2
-    assert state["normalization"] == {
-        "mean": list(LAB_NORMALIZATION.mean),
-        "std": list(LAB_NORMALIZATION.std),
-    }
+    assert state["config"] == asdict(CONFIG) and state["config"]["epochs"] == 2
+    assert state["normalization"] == asdict(LAB_NORMALIZATION)
     assert state["data"] == {"train": C.fingerprint(*train), "test": C.fingerprint(*test)}
     assert without_times(state["history"]) == without_times(reference.history[:1])
     assert json.loads((folder / "history.json").read_text()) == state["history"]

@@ -5,6 +5,7 @@ import argparse
 import contextlib
 import io
 import json
+import os
 import shlex
 import shutil
 import signal
@@ -424,7 +425,7 @@ def test_any_os_error_is_one_error_line_naming_the_path(
     def load(*args, **kwargs):
         raise error
 
-    monkeypatch.setattr("labcnn.data.load_cifar10", load)
+    monkeypatch.setattr("labcnn.cli.load_cifar10", load)
     _, out, _ = run
     args = {
         "train": ["--out", tmp_path / "run"],
@@ -442,7 +443,7 @@ def test_a_warning_is_one_warning_line(run, monkeypatch, capsys):
         warnings.warn("loading without checking MD5s (verify=False)", UserWarning, stacklevel=2)
         return load_cifar10(*args, **kwargs)
 
-    monkeypatch.setattr("labcnn.data.load_cifar10", load)
+    monkeypatch.setattr("labcnn.cli.load_cifar10", load)
     root, out, _ = run
     assert status(["evaluate", "--data-dir", root, "--checkpoint", out / "checkpoint.pt"]) == 0
     assert capsys.readouterr().err == "warning: loading without checking MD5s (verify=False)\n"
@@ -588,29 +589,19 @@ def train_command(root, out, epochs=2):
     return [*LABCNN, *train_args(root, out, epochs, *quick)]
 
 
-def test_training_without_a_stderr_writes_every_epoch(tree_data, tmp_path):
-    """pythonw and ``2>&-``: Python starts with sys.stderr None; no progress bar, no message."""
-    root, _, _ = tree_data
-    out = tmp_path / "run"
-    result = subprocess.run(
-        " ".join(map(shlex.quote, train_command(root, out))) + " 2>&-",
-        shell=True, env=ENV, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stdout
-    assert len(json.loads((out / "history.json").read_text())) == 2
-
-
-def test_output_piped_into_a_reader_that_exits_does_not_stop_training(tree_data, tmp_path):
-    """``train ... | head -n 2`` (pypa/pip#5907): the run goes on to its last epoch, quietly."""
+def test_training_without_a_stderr_into_a_reader_that_exits_goes_to_the_end(tree_data, tmp_path):
+    """pythonw and ``2>&-`` start Python with sys.stderr None (tqdm/tqdm#1654); ``| head -n 1``
+    closes the pipe after a line (pypa/pip#5907). The run trains every epoch, with no traceback;
+    ``evaluate | head -n 1`` exits cleanly too."""
     root, _, _ = tree_data
     out = tmp_path / "run"
     command = " ".join(map(shlex.quote, train_command(root, out, epochs=3)))
     result = subprocess.run(
-        f"set -o pipefail; {command} | head -n 1", shell=True, executable="/bin/bash", env=ENV,
-        capture_output=True, text=True, timeout=300,
+        f"set -o pipefail; {command} 2>&- | head -n 1", shell=True, executable="/bin/bash",
+        env=ENV, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert result.stdout.startswith("data: ") and result.stdout.count("\n") == 1
-    assert "Traceback" not in result.stderr and "BrokenPipe" not in result.stderr
+    assert result.returncode == 0 and result.stderr == ""  # nothing from a closed stderr
     assert len(json.loads((out / "history.json").read_text())) == 3
     evaluate = f"{sys.executable} -m labcnn evaluate --checkpoint {out}/checkpoint.pt "
     evaluate += f"--data-dir {root} | head -n 1"
@@ -619,65 +610,53 @@ def test_output_piped_into_a_reader_that_exits_does_not_stop_training(tree_data,
 
 
 @pytest.mark.parametrize("name", ["SIGTERM", "SIGHUP"])
-def test_sigterm_and_sighup_end_as_ctrl_c_does(tree_data, tmp_path, name):
-    """Slurm preemption, ``docker stop``, a closed terminal: saved epochs kept, one line, the
-    status 128 + N, and the same command resumes to the end."""
+def test_sigterm_and_sighup_end_as_ctrl_c_does(tree_data, tmp_path, monkeypatch, capsys, name):
+    """Slurm preemption, ``docker stop``, a closed terminal: a real signal, sent to this process
+    once the first epoch is logged, ends ``train`` with its saved epochs kept, one line and the
+    status 128 + N; the same command resumes."""
     root, _, _ = tree_data
     out = tmp_path / "run"
-    proc = subprocess.Popen(
-        train_command(root, out, epochs=30), env=ENV, text=True,
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-    )  # fmt: skip
-    try:
-        for line in proc.stdout:
-            if line.startswith("epoch 1/"):
-                break
-        proc.send_signal(getattr(signal, name))
-        _, err = proc.communicate(timeout=60)
-    finally:
-        proc.kill()
-    assert proc.returncode == 128 + getattr(signal, name)
+    argv = train_args(root, out, 30, *options(batch_size=QUICK["batch_size"], subset=100))
+
+    def say(*lines):
+        print(*lines, sep="\n")
+        if lines[0].startswith("epoch 1/"):
+            os.kill(os.getpid(), getattr(signal, name))  # handled before the next epoch starts
+
+    monkeypatch.setattr(cli, "say", say)
+    assert status(argv) == 128 + getattr(signal, name)
     resume = f"completed epochs are saved in {out}; run the same command to resume"
-    assert err.strip() == f"stopped by {name}: {resume}"
-    saved = json.loads((out / "history.json").read_text())
-    assert saved and not list(out.glob(".labcnn-*.tmp"))  # no half-written file left
-    again = subprocess.Popen(train_command(root, out, epochs=30), env=ENV, text=True,
-                             stdout=subprocess.PIPE)  # fmt: skip
-    try:
-        lines = [next(again.stdout) for _ in range(len(saved) + 3)]
-    finally:
-        again.kill()
-        again.communicate()
-    assert f"resuming: {len(saved)} of 30 epochs restored from {out}\n" in lines
+    assert capsys.readouterr().err.strip() == f"stopped by {name}: {resume}"
+    assert len(json.loads((out / "history.json").read_text())) == 1
+    assert not list(out.glob(".labcnn-*.tmp"))  # no half-written file left
+    monkeypatch.setattr(cli, "say", lambda *lines: print(*lines, sep="\n"))
+    monkeypatch.setattr("labcnn.harness.fit", no_training)
+    with pytest.raises(Stop):  # the run is restored and logged, then fit is not entered
+        status(argv)
+    assert f"resuming: 1 of 30 epochs restored from {out}\n" in capsys.readouterr().out
 
 
-def test_an_unusable_mplbackend_falls_back_to_agg_with_one_warning(tree_data, tmp_path):
-    """``MPLBACKEND=module://matplotlib_inline.backend_inline`` inherited from Jupyter by a
-    Python without that module (kohya-ss/sd-scripts#2521): curves and GIFs are still drawn."""
-    root, _, _ = tree_data
-    env = {**ENV, "MPLBACKEND": "module://no_such_backend_module.backend"}
-    out = tmp_path / "run"
-    result = subprocess.run(train_command(root, out), env=env, capture_output=True, text=True)
-    assert result.returncode == 0 and "Traceback" not in result.stderr
-    assert result.stderr.count("warning: matplotlib backend") == 1
-    assert (out / "loss.png").is_file() and (out / "accuracy.png").is_file()
-    gifs = subprocess.run(
-        [sys.executable, "-m", "labcnn", "gifs", "--out", str(tmp_path / "gifs")],
-        env=env, capture_output=True, text=True, cwd=tmp_path,
-    )  # fmt: skip
-    assert gifs.returncode == 0 and (tmp_path / "gifs" / "maxpool.gif").is_file(), gifs.stderr
+class Stop(Exception):
+    """Raised in place of training, once a run's saved epochs are restored."""
 
 
-def test_every_text_file_is_read_and_written_as_utf8_whatever_the_locale(run, tmp_path):
-    """A locale whose encoding is not UTF-8 (GBK on Chinese Windows: jupyter/nbconvert#1868;
-    here the C locale, ASCII, without Python's coercion to UTF-8): verify and gifs read and write
-    a notebook holding non-ASCII text. (ruff's PLW1514 keeps every open() explicit.)"""
+def no_training(*args, **hooks):
+    """A ``fit`` that stops at once: :class:`Stop`."""
+    raise Stop
+
+
+def test_a_foreign_process_environment_trains_verifies_and_draws(run, tmp_path):
+    """Two variables a process may inherit, in one real process. ``MPLBACKEND`` naming a module
+    this Python lacks (Jupyter's inline backend: kohya-ss/sd-scripts#2521): one warning, then
+    curves and GIFs are drawn. A locale whose encoding is not UTF-8 (GBK on Chinese Windows:
+    jupyter/nbconvert#1868; here the C locale, ASCII, without Python's coercion to UTF-8):
+    verify and gifs read and write a notebook holding non-ASCII text."""
     root, out, _ = run
     env = {**ENV, "LC_ALL": "C", "LANG": "C", "PYTHONCOERCECLOCALE": "0", "PYTHONUTF8": "0"}
+    env["MPLBACKEND"] = "module://no_such_backend_module.backend"
     probe = [sys.executable, "-c", "import locale; print(locale.getpreferredencoding())"]
     encoding = subprocess.run(probe, env=env, capture_output=True, text=True).stdout.strip()
-    if encoding.lower().replace("-", "") == "utf8":
-        pytest.skip("this Python reads the C locale as UTF-8")
+    assert encoding.lower().replace("-", "") != "utf8", "this Python reads the C locale as UTF-8"
     history = json.loads((out / "history.json").read_text(encoding="utf-8"))
     accuracy = f"{history[-1]['test_acc']:.2%}"
     good = notebook(tmp_path / "report.ipynb", "é 测试 ✓", f"final test accuracy {accuracy}")
@@ -686,12 +665,18 @@ def test_every_text_file_is_read_and_written_as_utf8_whatever_the_locale(run, tm
                            "outputs": [{"output_type": "display_data", "metadata": {},
                                         "data": {"image/gif": "R0lG"}}]})  # fmt: skip
     good.write_text(json.dumps(cells, ensure_ascii=False), encoding="utf-8")  # raw UTF-8 bytes
-    base = [sys.executable, "-m", "labcnn"]
-    for command in (
+    commands = [
+        train_args(root, tmp_path / "run", 1, *options(batch_size=32, subset=100)),
         ["verify", out, "--data-dir", root, "--notebook", good],
         ["gifs", "--out", tmp_path / "gifs", "--notebook", good],
-    ):
-        result = subprocess.run([*base, *map(str, command)], env=env, capture_output=True)
-        assert result.returncode == 0, (encoding, command, result.stderr.decode()[-2000:])
+    ]
+    commands = [[str(a) for a in command] for command in commands]
+    script = f"import sys; from labcnn.cli import main; sys.exit(max(map(main, {commands!r})))"
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True)
+    stderr = result.stderr.decode(errors="replace")
+    assert result.returncode == 0 and "Traceback" not in stderr, stderr[-2000:]
+    assert stderr.count("warning: matplotlib backend") == 1  # checked before the first epoch
+    assert (tmp_path / "run" / "loss.png").is_file()
+    assert (tmp_path / "gifs" / "maxpool.gif").is_file()
     text = good.read_text(encoding="utf-8")
     assert "é 测试 ✓" in text and '"R0lG"' not in text  # refreshed; the text kept whole

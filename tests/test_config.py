@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -136,8 +137,8 @@ def test_recipes():
 
 def test_saved_configs_of_earlier_versions_read_or_are_refused_in_one_line():
     config = make_config("improved", epochs=3)
-    assert S.config_from_dict(S.config_dict(config)) == config
-    saved = {**S.config_dict(make_config()), "amp": True, "cutout": 0, "ema": 0.0, "whiten": False}
+    assert S.config_from_dict(asdict(config)) == config
+    saved = {**asdict(make_config()), "amp": True, "cutout": 0, "ema": 0.0, "whiten": False}
     assert S.config_from_dict(saved).amp == "auto"  # a flag in the first checkpoints
     assert S.config_from_dict({**saved, "amp": "native"}).amp == "auto"
     with pytest.raises(ConfigError, match="uses cutout, which this labcnn no longer has"):

@@ -6,9 +6,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import report_code
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import to_hex
-from test_results import best_epoch, first_reaching, headline, seconds_to, seed_spread
+from test_results import REPORT, best_epoch, first_reaching, headline, seconds_to, seed_spread
 
 import labcnn
 from labcnn import WriteError, notebook, plots
@@ -274,40 +275,39 @@ def test_epoch_statistics():
     assert best_epoch(h)["epoch"] == 4
     assert first_reaching(h, 0.69)["epoch"] == 2 and first_reaching(h, 0.8) is None
     assert seconds_to(h, 0.71) == 32.0 and seconds_to(h, 0.8) is None
-    assert plots.mean_over_epochs(h, "test_acc") == pytest.approx(0.642)
     spread = seed_spread([history(1), history(2), history(3)])
     assert spread["mean"] == pytest.approx(0.3 + 2 / 110)
     assert spread["std"] == pytest.approx(1 / 110)
-    assert plots.spread([0.5])["std"] == 0.0
+    assert REPORT.spread([0.5])["std"] == 0.0
 
 
 def test_fixed_batches_mix_the_stored_order():
     labels = torch.arange(1000) % 10
     predictions = labels.clone()
     predictions[-100:] = (predictions[-100:] + 1) % 10  # the last 100 are all wrong
-    accuracies = plots.fixed_batch_accuracies(predictions, labels, batch_size=100, seed=0)
+    accuracies = REPORT.fixed_batch_accuracies(predictions, labels, batch_size=100, seed=0)
     assert accuracies.shape == (10,) and accuracies.dtype == torch.float64
     assert accuracies.mean().item() == pytest.approx(0.9)
     assert accuracies.min() < 1 and accuracies.max() < 1  # the errors are spread over the batches
-    assert torch.equal(accuracies, plots.fixed_batch_accuracies(predictions, labels, 100, seed=0))
-    assert plots.fixed_batch_accuracies(predictions, labels, batch_size=300).shape == (3,)
-    assert len(plots.fixed_batch_accuracies(predictions[:99], labels[:99])) == 0  # none whole
+    assert torch.equal(accuracies, REPORT.fixed_batch_accuracies(predictions, labels, 100, seed=0))
+    assert REPORT.fixed_batch_accuracies(predictions, labels, batch_size=300).shape == (3,)
+    assert len(REPORT.fixed_batch_accuracies(predictions[:99], labels[:99])) == 0  # none whole
 
 
 def test_binomial_interval_and_the_original_figures():
-    assert plots.binomial_interval(0.66, 10_000) == pytest.approx(0.00928, abs=5e-5)
-    assert plots.binomial_interval(0.5, 100, z=1.0) == pytest.approx(0.05)
-    assert plots.binomial_interval(1.0, 10) == 0.0
+    assert REPORT.binomial_interval(0.66, 10_000) == pytest.approx(0.00928, abs=5e-5)
+    assert REPORT.binomial_interval(0.5, 100, z=1.0) == pytest.approx(0.05)
+    assert REPORT.binomial_interval(1.0, 10) == 0.0
     for accuracy, n in ((1.2, 100), (66.0, 100), (0.5, 0)):
         with pytest.raises(ValueError):
-            plots.binomial_interval(accuracy, n)
-    assert {k: v for k, (v, _) in plots.ORIGINAL.items()} == {
+            REPORT.binomial_interval(accuracy, n)
+    assert {k: v for k, (v, _) in REPORT.ORIGINAL.items()} == {
         "test_acc": 0.6926,
         "train_acc": 0.6742,
         "train_loss": 0.00907,
         "test_loss": 0.00946,
     }
-    assert all(meaning for _, meaning in plots.ORIGINAL.values())
+    assert all(meaning for _, meaning in REPORT.ORIGINAL.values())
 
 
 def checkout(root: Path, runs=("lab",)) -> Path:
@@ -374,8 +374,9 @@ def test_readings_of_a_run_on_fewer_than_100_test_images(tree_data):
 
     _, train, test = tree_data  # 5 test images per class: 50
     trained = fit(make_config(epochs=1, batch_size=32, lr=0.001), train, test, log=lambda _: None)
-    found = notebook.readings(trained, train, test)
+    found = report_code().readings(trained, train, test)
     assert found["fixed_batches"] is None and found["epochs"] == 1
+    assert found["mean_over_epochs"] == trained.history[0]["test_acc"]  # the mean of one epoch
     assert sum(found["predicted"].values()) == len(test[1])
     assert set(found["dead_units"]) == {"conv1", "conv2", "conv3", "fc1", "fc2"}
     json.dumps(found)  # plain numbers: results/lab-readings.json holds them

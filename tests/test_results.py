@@ -3,10 +3,10 @@
 ``results/<run>.json`` holds each reported run's per-epoch history, ``results/*-filters.json``
 the counts of ``python -m labcnn filters``, ``results/*.txt`` printed outputs (evaluate, bench,
 the removed ``bench --time-to-accuracy``). A figure (a percentage with two decimals, a loss with
-four, a duration as :func:`labcnn.train.format_duration` or minutes and seconds write it) must be
-derived from a history with :mod:`labcnn.plots`, printed in ``results/*.txt`` or by a notebook's
-cells, or quoted from the original report (``plots.ORIGINAL``), so a stale number fails. Nothing
-here names a figure: the documents may quote whichever runs they like.
+four, a duration as :func:`labcnn.harness.format_duration` or minutes and seconds write it) must
+be derived from a history, printed in ``results/*.txt`` or by a notebook's cells, or quoted from
+the original report (``ORIGINAL`` in the notebook), so a stale number fails. Nothing here names a
+figure: the documents may quote whichever runs they like.
 """
 
 import contextlib
@@ -16,18 +16,20 @@ import itertools
 import json
 import re
 import shlex
+import statistics
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import report_code
 
-from labcnn import plots
 from labcnn.harness import format_duration
 from labcnn.model import LAB_MEAN, LAB_STD
 from labcnn.settings import make_config
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "results"
+REPORT = report_code()  # the notebook's readings code: ORIGINAL, spread
 DOCS = ("README.md", "results/README.md")
 NOTEBOOKS = sorted((REPO / "notebooks").glob("*.ipynb"))
 HISTORIES = {
@@ -86,7 +88,7 @@ def headline(history: list[dict]) -> dict[str, str]:
             best_val_acc=f"{val['val_acc']:.2%}",
             final_val_acc=f"{last['val_acc']:.2%}",
         )
-    if reached := first_reaching(history, plots.ORIGINAL["test_acc"][0]):
+    if reached := first_reaching(history, REPORT.ORIGINAL["test_acc"][0]):
         figures.update(
             original_epoch=str(reached["epoch"]),
             original_seconds=f"{reached['elapsed_train_seconds']:.0f} s",
@@ -95,7 +97,7 @@ def headline(history: list[dict]) -> dict[str, str]:
 
 
 def seed_spread(histories: list[list[dict]], key: str = "test_acc") -> dict[str, float]:
-    return plots.spread([h[-1][key] for h in histories])
+    return REPORT.spread([h[-1][key] for h in histories])
 
 
 def doc(name: str) -> str:
@@ -136,15 +138,15 @@ def seed_groups() -> dict[str, list[list[dict]]]:
 def original() -> set[str]:
     """The original report's figures as quoted: accuracies in percent, losses times 100."""
     return {
-        f"{v:.2%}" if "acc" in key else f"{100 * v:.3f}" for key, (v, _) in plots.ORIGINAL.items()
+        f"{v:.2%}" if "acc" in key else f"{100 * v:.3f}" for key, (v, _) in REPORT.ORIGINAL.items()
     }
 
 
 def derived(history: list[dict]) -> set[str]:
-    """One run's figures: :func:`plots.headline` and the means over its epochs."""
+    """One run's figures: :func:`headline` and the means over its epochs."""
     values = set(headline(history).values())
     for key in (k for k in history[-1] if k.endswith(("_acc", "_loss"))):
-        mean = plots.mean_over_epochs(history, key)
+        mean = statistics.fmean(r[key] for r in history)
         values |= {f"{mean:.2%}"} if key.endswith("_acc") else {f"{mean:.4f}", f"{mean:.3f}"}
     return values
 
