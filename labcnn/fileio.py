@@ -147,8 +147,8 @@ def staged_dir(target):
 @contextmanager
 def run_lock(folder):
     """Hold ``flock`` on ``folder/.lock`` for the block; RunFolderBusy when another process holds
-    it. Without locks (Windows; NFS without lockd, Lustre/GPFS without flock, some FUSE mounts)
-    or a lock file, the run goes on after one warning; another flock failure is a WriteError."""
+    it (Windows: no lock). Without locks (NFS without lockd, Lustre/GPFS without flock, some FUSE
+    mounts) or a lock file, the run goes on after one warning; another flock failure: WriteError."""
     lock, tip = Path(folder) / ".lock", "make sure no other run trains into it"
     with ExitStack() as held:  # closes the lock file, which releases the lock, after the block
         try:
