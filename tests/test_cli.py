@@ -597,9 +597,14 @@ def test_training_without_a_stderr_into_a_reader_that_exits_goes_to_the_end(tree
     out = tmp_path / "run"
     command = " ".join(map(shlex.quote, train_command(root, out, epochs=3)))
     result = subprocess.run(
-        f"set -o pipefail; {command} 2>&- | head -n 1", shell=True, executable="/bin/bash",
-        env=ENV, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        f"set -o pipefail; {command} 2>&- | head -n 1",
+        shell=True,
+        executable="/bin/bash",
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.stdout.startswith("data: ") and result.stdout.count("\n") == 1
     assert result.returncode == 0 and result.stderr == ""  # nothing from a closed stderr
     assert len(json.loads((out / "history.json").read_text())) == 3
@@ -661,9 +666,16 @@ def test_a_foreign_process_environment_trains_verifies_and_draws(run, tmp_path):
     accuracy = f"{history[-1]['test_acc']:.2%}"
     good = notebook(tmp_path / "report.ipynb", "é 测试 ✓", f"final test accuracy {accuracy}")
     cells = json.loads(good.read_text(encoding="utf-8"))
-    cells["cells"].append({"cell_type": "code", "source": 'show_gif("maxpool")', "metadata": {},
-                           "outputs": [{"output_type": "display_data", "metadata": {},
-                                        "data": {"image/gif": "R0lG"}}]})  # fmt: skip
+    cells["cells"].append(
+        {
+            "cell_type": "code",
+            "source": 'show_gif("maxpool")',
+            "metadata": {},
+            "outputs": [
+                {"output_type": "display_data", "metadata": {}, "data": {"image/gif": "R0lG"}}
+            ],
+        }
+    )
     good.write_text(json.dumps(cells, ensure_ascii=False), encoding="utf-8")  # raw UTF-8 bytes
     commands = [
         train_args(root, tmp_path / "run", 1, *options(batch_size=32, subset=100)),

@@ -99,9 +99,13 @@ def executed(tmp_path_factory, origin):
                 subprocess.run(["git", "clone", "-q", str(origin), "labcnn"], cwd=work, check=True)
             command = [str(python), "-m", "papermill", NOTEBOOK.name, "out.ipynb", *params]
             process = subprocess.Popen(
-                command, cwd=work, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                command,
+                cwd=work,
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
                 text=True,
-            )  # fmt: skip
+            )
             runs[route] = (work, python, process)
         for route, (_, _, process) in runs.items():
             output = process.communicate(timeout=600)[0]
