@@ -370,13 +370,20 @@ def test_readings_of_a_run_on_fewer_than_100_test_images(tree_data):
     """A re-packed copy with a small test set: every reading computes, the batch figures say
     there is no whole batch of 100 (issue 26, case 1)."""
     from labcnn.harness import train as fit
+    from labcnn.lab import evaluate
     from labcnn.settings import make_config
 
     _, train, test = tree_data  # 5 test images per class: 50
     trained = fit(make_config(epochs=1, batch_size=32, lr=0.001), train, test, log=lambda _: None)
-    found = report_code().readings(trained, train, test)
+    found = report_code().readings(trained, train, test, evaluate(trained, *test))
     assert found["fixed_batches"] is None and found["epochs"] == 1
     assert found["mean_over_epochs"] == trained.history[0]["test_acc"]  # the mean of one epoch
     assert sum(found["predicted"].values()) == len(test[1])
     assert set(found["dead_units"]) == {"conv1", "conv2", "conv3", "fc1", "fc2"}
     json.dumps(found)  # plain numbers: results/lab-readings.json holds them
+    result = evaluate(trained, *test)
+    predictions = test[1].clone()
+    predictions[0] = (predictions[0] + 1) % 10  # the only error is image 0, a falsy index
+    result.update(predictions=predictions, confidence=torch.full((len(predictions),), 0.5))
+    top_error = report_code().readings(trained, train, test, result)["top_error"]
+    assert top_error == [CLASSES[test[1][0]], CLASSES[predictions[0]], 0.5]
