@@ -20,7 +20,6 @@ from labcnn import ConfigError, TrainingDiverged
 from labcnn import harness as H
 from labcnn import lab as T
 from labcnn.checkpoint import load_checkpoint
-from labcnn.data import load_cifar10
 from labcnn.device import amp_dtype
 from labcnn.model import LAB_NORMALIZATION, LabCNN, Trained
 from labcnn.settings import RECIPES, make_config
@@ -517,11 +516,3 @@ def test_ctrl_c_then_kill_9_then_resume_ends_like_an_uninterrupted_run(tmp_path)
         assert without_times(history) == expected[: len(history)]
     final = load_checkpoint(out / "checkpoint.pt")["model"]
     assert all(torch.equal(final[k], v) for k, v in reference.model.state_dict().items())
-
-
-def test_one_short_epoch_beats_chance_on_the_full_real_test_set(real_copy):
-    train, test = load_cifar10(real_copy), load_cifar10(real_copy, train=False)
-    assert len(train[1]) == 3000 and len(test[1]) == 10_000  # conftest: 300 per class
-    config = make_config(epochs=1, batch_size=50, lr=0.001)  # 60 steps: a stable start
-    history = H.train(config, train, test, device="cpu", log=quiet).history
-    assert history[0]["test_acc"] > 0.2  # chance is 0.1; 0.42 measured on the AVX2 CPU
