@@ -12,13 +12,12 @@ import threading
 import warnings
 from pathlib import Path
 
-from labcnn import LabcnnError, harness
+from labcnn import LabcnnError, harness, lab
 from labcnn.animations import make_gifs, refresh_notebook
 from labcnn.checkpoint import CHECKPOINT, HISTORY, load_trained, provenance, read_file
 from labcnn.data import CLASSES, load_cifar10
 from labcnn.device import describe_device, precision_name, select_device, set_threads, tf32_emulated
 from labcnn.fileio import read_json, read_notebook, write_json
-from labcnn.lab import evaluate
 from labcnn.model import COLLAPSE_NORM, Normalization, collapsed_filters
 from labcnn.notebook import checkout_root
 from labcnn.settings import RANGES, RECIPES, make_config
@@ -148,7 +147,7 @@ def run_evaluate(args) -> None:
     trained = load_trained(args.checkpoint, select_device(args.device), given)
     say(trained.note)
     images, labels = load_split(args, False)
-    result = evaluate(trained, images, labels)
+    result = lab.evaluate(trained, images, labels)
     loss, accuracy = result["loss"], result["accuracy"]
     say(f"test images {len(labels)}  loss {loss:.4f}  top-1 accuracy {accuracy:.2%}")
     say(
@@ -188,14 +187,14 @@ def run_verify(args) -> None:
     if (trained.history and history != trained.history) or saved_sha != facts["history sha256"]:
         problems.append(f"{history_path} differs from the history saved in {weights}")
     images, labels = load_split(args, False)
-    result = evaluate(trained, images, labels)
+    result = lab.evaluate(trained, images, labels)
     device = next(trained.model.parameters()).device
     here = f"{describe_device(device)}, {precision_name(device, None)}"
     there = last.get("device", "a device not recorded")
     tolerance = {"accuracy": 0.00005, "loss": 0.00005}  # half of the last digit printed
     if there.split(" ")[0] != here.split(" ")[0]:  # another kind of device: TF32 on a GPU
         with tf32_emulated(trained.model):
-            moved = evaluate(trained, images, labels)
+            moved = lab.evaluate(trained, images, labels)
         for key in tolerance:  # twice what TF32's rounding moves here, as a margin
             tolerance[key] += 2 * abs(moved[key] - result[key])
     for key, unit, form in (("accuracy", 100, ".2f"), ("loss", 1, ".4f")):

@@ -6,7 +6,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import report_code
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import to_hex
 from test_results import REPORT, best_epoch, first_reaching, headline, seconds_to, seed_spread
@@ -375,7 +374,7 @@ def test_readings_of_a_run_on_fewer_than_100_test_images(tree_data):
 
     _, train, test = tree_data  # 5 test images per class: 50
     trained = fit(make_config(epochs=1, batch_size=32, lr=0.001), train, test, log=lambda _: None)
-    found = report_code().readings(trained, train, test, evaluate(trained, *test))
+    found = REPORT.readings(trained, train, test, evaluate(trained, *test))
     assert found["fixed_batches"] is None and found["epochs"] == 1
     assert found["mean_over_epochs"] == trained.history[0]["test_acc"]  # the mean of one epoch
     assert sum(found["predicted"].values()) == len(test[1])
@@ -385,5 +384,5 @@ def test_readings_of_a_run_on_fewer_than_100_test_images(tree_data):
     predictions = test[1].clone()
     predictions[0] = (predictions[0] + 1) % 10  # the only error is image 0, a falsy index
     result.update(predictions=predictions, confidence=torch.full((len(predictions),), 0.5))
-    top_error = report_code().readings(trained, train, test, result)["top_error"]
+    top_error = REPORT.readings(trained, train, test, result)["top_error"]
     assert top_error == [CLASSES[test[1][0]], CLASSES[predictions[0]], 0.5]
